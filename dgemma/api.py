@@ -1,0 +1,198 @@
+"""The public model handle returned by `dgemma.load`.
+
+Owns: input validation (prompts, canvases, pinned masks, settings) with errors that name the problem, the
+conversion of user inputs into padded tensors, per-call settings over the checkpoint's defaults, seeding, and the
+text helpers (`complete`, `chat`, `infill`) when the checkpoint has a tokenizer.
+Must not: hold network math (model/), the sampler (sampling.py) or the canvas loop (engine/generate.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from . import checkpoint
+from .config import GenerationSettings, ModelConfig
+from .engine.cache import KVCache
+from .engine.generate import GenerationResult, StepEvent, generate, pad_prompts
+from .model.diffusion_gemma import DiffusionGemma
+from .tokenizer import Tokenizer
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def _dtype(value) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value not in _DTYPES:
+        raise ValueError(f"unknown dtype {value!r}; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[value]
+
+
+@dataclass
+class TextResult:
+    text: list[str]
+    result: GenerationResult
+
+
+class Model:
+    """A loaded DiffusionGemma: `generate` on ids, `canvas_logits` for one decoder pass, text helpers."""
+
+    def __init__(self, net: DiffusionGemma, settings: GenerationSettings | None = None,
+                 tokenizer: Tokenizer | None = None, path: Path | None = None):
+        self.net = net
+        self.config: ModelConfig = net.config
+        self.settings = settings or GenerationSettings()
+        self.tokenizer = tokenizer
+        self.path = path
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.dtype
+
+    # ---- inputs ------------------------------------------------------------------------------------------------
+    def _prompts(self, prompt_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """A 2-D tensor or a list of id lists -> left-padded ids [B, T] and valid [B, T], validated."""
+        if isinstance(prompt_ids, torch.Tensor):
+            if prompt_ids.dim() != 2 or prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool:
+                raise ValueError(f"prompt_ids tensor must be 2-D integer ids, got shape {tuple(prompt_ids.shape)} "
+                                 f"dtype {prompt_ids.dtype}")
+            rows = prompt_ids.tolist()
+        else:
+            if not isinstance(prompt_ids, Sequence) or isinstance(prompt_ids, (str, bytes)):
+                raise ValueError("prompt_ids must be a list of id lists or a 2-D tensor")
+            rows = [list(p) for p in prompt_ids] if prompt_ids and not isinstance(prompt_ids[0], int) \
+                else [list(prompt_ids)]
+        if not rows:
+            raise ValueError("empty prompt: prompt_ids holds no prompts")
+        vocab = self.config.vocab_size
+        for i, row in enumerate(rows):
+            if not row:
+                raise ValueError(f"empty prompt: prompt {i} has no tokens")
+            for t in row:
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                    raise ValueError(f"prompt {i}: token id {t!r} is outside the vocabulary [0, {vocab})")
+        longest = max(len(r) for r in rows)
+        if longest + self.config.canvas_length > self.config.max_position_embeddings:
+            raise ValueError(f"prompt of {longest} tokens plus a canvas exceeds the context of "
+                             f"{self.config.max_position_embeddings} positions")
+        return pad_prompts(rows, self.config.pad_token_id, self.device)
+
+    def _canvas_ids(self, canvas, batch: int, name: str, dtype=torch.long) -> torch.Tensor:
+        """A canvas-shaped input ([C] or [B, C]) -> [B, C] on the model's device."""
+        c = self.config.canvas_length
+        t = torch.as_tensor(canvas, device=self.device)
+        if t.dim() == 1:
+            t = t[None].expand(batch, -1)
+        if t.dim() != 2 or t.shape[1] != c or t.shape[0] != batch:
+            raise ValueError(f"{name} must have length {c} (the canvas length) for each of {batch} prompts, "
+                             f"got shape {tuple(t.shape)}")
+        if dtype == torch.long:
+            if t.dtype.is_floating_point or t.dtype == torch.bool:
+                raise ValueError(f"{name} must hold integer token ids")
+            if bool(((t < -1) | (t >= self.config.vocab_size)).any()):
+                raise ValueError(f"{name} holds ids outside the vocabulary [0, {self.config.vocab_size}) "
+                                 "(-1 marks a position that starts as noise)")
+        elif t.dtype != torch.bool:
+            raise ValueError(f"{name} must be a boolean mask")
+        return t.to(dtype).contiguous()
+
+    # ---- generation --------------------------------------------------------------------------------------------
+    def generate(self, prompt_ids, *, max_new_tokens=None, max_denoising_steps=None, entropy_bound=None,
+                 t_min=None, t_max=None, stability_threshold=None, confidence_threshold=None, seed=None,
+                 canvas=None, pinned=None, on_step: Callable[[StepEvent], None] | None = None) -> GenerationResult:
+        """Generate new tokens after each prompt. Settings left None take the checkpoint's defaults.
+        `canvas` ([C] or [B, C] ids; -1 = start from noise) starts the first canvas; `pinned` (same shape, bool)
+        holds those positions of `canvas` fixed at every step. `on_step` gets a StepEvent after each step."""
+        settings = self.settings.replace(
+            max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound,
+            t_min=t_min, t_max=t_max, stability_threshold=stability_threshold,
+            confidence_threshold=confidence_threshold,
+        )
+        ids, valid = self._prompts(prompt_ids)
+        b = ids.shape[0]
+        if pinned is not None and canvas is None:
+            raise ValueError("pinned needs a canvas holding the pinned ids")
+        canvas_t = self._canvas_ids(canvas, b, "canvas") if canvas is not None else None
+        pinned_t = self._canvas_ids(pinned, b, "pinned", torch.bool) if pinned is not None else None
+        if pinned_t is not None and bool((pinned_t & (canvas_t < 0)).any()):
+            raise ValueError("a pinned position holds -1 (noise); pinned positions need real token ids")
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        return generate(self.net, ids, valid, settings, generator=generator, canvas=canvas_t, pinned=pinned_t,
+                        on_step=on_step)
+
+    @torch.no_grad()
+    def canvas_logits(self, prompt_ids, canvas_ids, self_conditioning_logits=None) -> torch.Tensor:
+        """The decoder's soft-capped float32 logits [B, C, V] for `canvas_ids` with the prompts as cached prefix."""
+        ids, valid = self._prompts(prompt_ids)
+        canvas = self._canvas_ids(canvas_ids, ids.shape[0], "canvas_ids")
+        cache = KVCache(self.config, ids.shape[0], self.device)
+        self.net.encode(ids, cache, valid)
+        sc = None
+        if self_conditioning_logits is not None:
+            sc = torch.as_tensor(self_conditioning_logits, device=self.device)
+            want = (ids.shape[0], self.config.canvas_length, self.config.vocab_size)
+            if tuple(sc.shape) != want:
+                raise ValueError(f"self_conditioning_logits must have shape {want}, got {tuple(sc.shape)}")
+            sc = sc.to(self.dtype)
+        return self.net.decode(canvas, cache, sc)
+
+    def infill(self, prefix_ids: list[int], suffix_ids: list[int], fill_length: int, **kw) -> GenerationResult:
+        """Fill `fill_length` tokens between a prefix (read by the encoder) and a suffix (pinned in the canvas right
+        after the hole; cut to what fits in one canvas). Returns the filled ids (EOS and pad dropped)."""
+        c = self.config.canvas_length
+        if not isinstance(fill_length, int) or not 0 < fill_length <= c:
+            raise ValueError(f"fill_length must be an integer in [1, {c}], got {fill_length!r}")
+        suffix = list(suffix_ids)[: c - fill_length]
+        start = torch.full((c,), -1, dtype=torch.long)  # the hole and anything after the suffix start as noise
+        start[fill_length:fill_length + len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+        hold = torch.zeros(c, dtype=torch.bool)
+        hold[fill_length:fill_length + len(suffix)] = True
+        if kw.pop("max_new_tokens", None) is not None:
+            raise ValueError("infill takes fill_length, not max_new_tokens")
+        kw["max_new_tokens"] = fill_length  # one canvas; only the hole's ids are returned
+        return self.generate([list(prefix_ids)], canvas=start, pinned=hold, **kw)
+
+    # ---- text helpers ------------------------------------------------------------------------------------------
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer.json; pass token ids to generate() instead")
+        return self.tokenizer
+
+    def complete(self, text: str | list[str], **kw) -> TextResult:
+        """Continue raw text (a string or a list of strings); BOS is prepended when the model has one."""
+        tok = self._need_tokenizer()
+        texts = [text] if isinstance(text, str) else list(text)
+        prompts = [tok.encode(t, add_bos=self.config.bos_token_id is not None) for t in texts]
+        result = self.generate(prompts, **kw)
+        return TextResult([tok.decode(ids) for ids in result.token_ids], result)
+
+    def chat(self, messages: list[dict], *, thinking: bool = False, **kw) -> TextResult:
+        """Answer one conversation rendered with the checkpoint's chat template."""
+        tok = self._need_tokenizer()
+        result = self.generate([tok.encode_chat(messages, thinking=thinking)], **kw)
+        return TextResult([tok.decode(ids) for ids in result.token_ids], result)
+
+    def parameter_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.net.state_dict().values())
+
+
+def load(path_or_repo_id: str | os.PathLike, device=None, dtype=None) -> Model:
+    """Load a checkpoint directory (or a Hub repo id, downloaded on first use) onto `device` in `dtype`
+    (default: the checkpoint's stored dtype)."""
+    path = checkpoint.resolve(path_or_repo_id)
+    cfg, settings = checkpoint.read_config(path)
+    device = torch.device(device if device is not None else "cpu")
+    net = checkpoint.load_weights(path, cfg, _dtype(dtype), device)
+    return Model(net, settings, Tokenizer.from_dir(path), path)

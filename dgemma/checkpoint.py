@@ -1,0 +1,228 @@
+"""Checkpoint directories in the Hugging Face layout: read and write.
+
+Owns: finding the files (config.json, generation_config.json, model.safetensors or shards with their index; a Hub
+repo id is downloaded first), mapping tensor names (the official layout and transformers' save_pretrained) onto
+`DiffusionGemma`'s parameters, and loading tensor by tensor straight into the target dtype and device (the network is
+built on the meta device, so no float32 copy of the whole model ever exists). Writing is atomic: files go to a
+temporary directory that replaces the target in one rename.
+Must not: unpickle anything, run remote code, or know about generation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import GenerationSettings, ModelConfig
+from .model.diffusion_gemma import DiffusionGemma
+from .tokenizer import Tokenizer
+
+# Prefixes under which the shared text weights may be stored; the first is what we write.
+_DECODER = "model.decoder."
+_ENCODER = "model.encoder.language_model."
+_SHARED_PREFIXES = (_DECODER, _ENCODER, "model.language_model.", "model.")
+_SKIPPED = ("model.encoder.vision_tower.", "model.encoder.embed_vision.", "model.vision_tower.", "model.embed_vision.")
+_SCALAR = re.compile(r"layers\.(\d+)\.layer_scalar$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message names the file or tensor."""
+
+
+def resolve(path_or_repo_id: str | os.PathLike) -> Path:
+    """A local directory for `path_or_repo_id`, downloading a Hub repo's json/safetensors/tokenizer files if the
+    argument is not an existing path."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; expected a checkpoint directory")
+    text = str(path_or_repo_id)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise CheckpointError(f"no checkpoint directory at {text}")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+    return Path(snapshot_download(text, allow_patterns=patterns))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+
+
+def read_config(path: Path) -> tuple[ModelConfig, GenerationSettings]:
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        cfg = ModelConfig.from_hf_dict(_read_json(path / "config.json"))
+        gen_path = path / "generation_config.json"
+        settings = GenerationSettings.from_hf_dict(_read_json(gen_path)) if gen_path.is_file() else GenerationSettings()
+    except CheckpointError:
+        raise
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    return cfg, settings
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{index} names {f.name}, which is missing")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no .safetensors weights (pickled weights are never loaded)")
+    return files
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_dtype(path: Path) -> torch.dtype:
+    """The floating dtype of the first weight tensor, read from the safetensors header only."""
+    file = _weight_files(path)[0]
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                kind = f.get_slice(name).get_dtype()
+                if kind in _SAFETENSORS_DTYPES:
+                    return _SAFETENSORS_DTYPES[kind]
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file}: unreadable safetensors file ({err})") from None
+    raise CheckpointError(f"{file}: no floating-point tensors")
+
+
+def _target(name: str) -> str | None:
+    """Our parameter name for a checkpoint tensor name; None if it is skipped (vision) or unknown."""
+    if name.startswith(_SKIPPED):
+        return None
+    if name == "lm_head.weight":
+        return "lm_head"
+    for prefix in _SHARED_PREFIXES:
+        if name.startswith(prefix):
+            local = name[len(prefix):]
+            match = _SCALAR.match(local)
+            if match:
+                side = "encoder" if prefix == _ENCODER else "decoder"
+                return f"{side}_layer_scalars.{match.group(1)}"
+            return local
+    return None
+
+
+def load_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype | None, device: torch.device) -> DiffusionGemma:
+    """Build the network on the meta device and fill it tensor by tensor from the safetensors files."""
+    with torch.device("meta"):
+        net = DiffusionGemma(cfg)
+    wanted = dict(net.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[int, torch.Tensor]] = {"encoder": {}, "decoder": {}}
+    lm_head = None
+    skipped_vision = 0
+    for file in _weight_files(path):
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file}: unreadable safetensors file ({err})") from None
+        with handle as f:
+            for name in f.keys():
+                target = _target(name)
+                if target is None:
+                    if name.startswith(_SKIPPED):
+                        skipped_vision += 1
+                        continue
+                    raise CheckpointError(f"{file.name}: unexpected tensor {name!r}")
+                if target in state:
+                    continue  # the same shared weight stored under a second prefix
+                try:
+                    tensor = f.get_tensor(name)
+                except (SafetensorError, OSError) as err:
+                    raise CheckpointError(f"{file}: cannot read tensor {name!r} ({err})") from None
+                if dtype is None and tensor.is_floating_point():
+                    dtype = tensor.dtype
+                tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+                if target == "lm_head":
+                    lm_head = tensor
+                elif "_layer_scalars." in target:
+                    side, idx = target.split("_layer_scalars.")
+                    scalars[side][int(idx)] = tensor.reshape(())
+                else:
+                    expected = wanted.get(target)
+                    if expected is None:
+                        raise CheckpointError(f"{file.name}: unexpected tensor {name!r}")
+                    if tuple(tensor.shape) != tuple(expected.shape):
+                        raise CheckpointError(
+                            f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                            f"config.json implies {tuple(expected.shape)}"
+                        )
+                    state[target] = tensor
+    if "embed_tokens.weight" not in state and lm_head is not None:
+        state["embed_tokens.weight"] = lm_head
+    for side, other in (("encoder", "decoder"), ("decoder", "encoder")):
+        values = [scalars[side].get(i, scalars[other].get(i)) for i in range(cfg.num_hidden_layers)]
+        values = [torch.ones((), dtype=dtype, device=device) if v is None else v for v in values]
+        state[f"{side}_layer_scalars"] = torch.stack(values)
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{path}: checkpoint is missing tensor {_DECODER}{missing[0]}{more}")
+    if skipped_vision:
+        print(f"dgemma: skipped {skipped_vision} vision tensors (image input is not supported)", file=sys.stderr)
+    net.load_state_dict(state, assign=True, strict=True)
+    net.requires_grad_(False)
+    return net.eval()
+
+
+def save(net: DiffusionGemma, settings: GenerationSettings, path: str | os.PathLike,
+         tokenizer: Tokenizer | None = None) -> Path:
+    """Write `net` as a checkpoint directory (config.json, generation_config.json, model.safetensors, and the
+    tokenizer's files if given). Atomic: an existing directory at `path` is replaced only once the new one is
+    complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tensors = {}
+        for name, tensor in net.state_dict().items():
+            if name in ("encoder_layer_scalars", "decoder_layer_scalars"):
+                prefix = _ENCODER if name.startswith("encoder") else _DECODER
+                for i, value in enumerate(tensor):
+                    tensors[f"{prefix}layers.{i}.layer_scalar"] = value.reshape(1).contiguous().cpu()
+            else:
+                tensors[_DECODER + name] = tensor.contiguous().cpu()
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = net.config.to_hf_dict()
+        cfg["dtype"] = str(net.dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(settings.to_hf_dict(), indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -1,0 +1,174 @@
+"""The `dgemma` command line: `run` (generate), `info` (what a checkpoint holds), `init` (a random checkpoint).
+
+Owns argument parsing, turning library errors into one-line messages with exit code 2, and printing results
+(text on stdout, statistics on stderr, or one JSON object with --json).
+Must not: implement generation or loading itself; it calls the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .api import Model, load
+from .config import PRESET_NAMES, GenerationSettings, preset
+from .model.diffusion_gemma import DiffusionGemma
+from .tokenizer import Tokenizer
+
+BUNDLED = Path(__file__).parent / "assets" / "model"
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--model", required=required, default=None,
+                   help="checkpoint directory or Hub repo id" + ("" if required else " (default: the bundled model)"))
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (default: as stored)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dgemma", description="Run DiffusionGemma block-diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate a continuation of PROMPT")
+    run.add_argument("prompt", help="prompt text (or token ids with --ids)")
+    _add_model_args(run, required=False)
+    run.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default: checkpoint's)")
+    run.add_argument("--steps", type=int, default=None, help="maximum denoising steps per canvas")
+    run.add_argument("--entropy-bound", type=float, default=None, help="entropy budget accepted per step")
+    run.add_argument("--seed", type=int, default=None, help="random seed for a reproducible output")
+    run.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
+    run.add_argument("--thinking", action="store_true", help="with --chat: let the model think first")
+    run.add_argument("--ids", action="store_true", help="PROMPT is token ids separated by commas or spaces")
+    run.add_argument("--json", action="store_true", help="print one JSON object with text, ids and statistics")
+
+    info = sub.add_parser("info", help="summarise a checkpoint: shapes, parameters, bytes")
+    _add_model_args(info, required=True)
+    info.add_argument("--json", action="store_true", help="print JSON")
+
+    init = sub.add_parser("init", help="write a randomly initialised checkpoint of a named shape")
+    init.add_argument("out", help="directory to create")
+    init.add_argument("--preset", default="tiny", choices=PRESET_NAMES)
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    return parser
+
+
+def _model_path(arg: str | None) -> str:
+    if arg is not None:
+        return arg
+    if BUNDLED.is_dir():
+        return str(BUNDLED)
+    raise ValueError("no --model given and this install has no bundled model; pass --model PATH "
+                     "(`dgemma init DIR` writes a random one)")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"--ids expects integers separated by commas or spaces, got {text!r}") from None
+
+
+def cmd_run(args) -> int:
+    model: Model = load(_model_path(args.model), device=args.device, dtype=args.dtype)
+    kw = dict(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps, entropy_bound=args.entropy_bound,
+              seed=args.seed)
+    start = time.perf_counter()
+    if args.ids:
+        result = model.generate([_parse_ids(args.prompt)], **kw)
+        tok = model.tokenizer
+        text = tok.decode(result.token_ids[0]) if tok is not None else None
+    else:
+        if args.chat:
+            out = model.chat([{"role": "user", "content": args.prompt}], thinking=args.thinking, **kw)
+        else:
+            out = model.complete(args.prompt, **kw)
+        result, text = out.result, out.text[0]
+    seconds = time.perf_counter() - start
+    n = len(result.token_ids[0])
+    stats = {"tokens": n, "seconds": round(seconds, 3), "tokens_per_second": round(n / seconds, 2),
+             "tokens_per_forward": round(result.tokens_per_forward[0], 3), "steps_per_canvas": result.steps[0],
+             "finish_reason": result.finish_reasons[0]}
+    if args.json:
+        print(json.dumps({"text": text, "token_ids": result.token_ids[0], **stats}))
+    else:
+        print(text if text is not None else " ".join(map(str, result.token_ids[0])))
+        print(f"[{n} tokens in {seconds:.2f} s, {stats['tokens_per_second']} tok/s, "
+              f"{stats['tokens_per_forward']} tokens/forward, steps per canvas {result.steps[0]}, "
+              f"finish: {stats['finish_reason']}]", file=sys.stderr)
+    return 0
+
+
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def cmd_info(args) -> int:
+    path = checkpoint.resolve(args.model)
+    cfg, settings = checkpoint.read_config(path)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype) \
+        or checkpoint.stored_dtype(path)
+    with torch.device("meta"):
+        net = DiffusionGemma(cfg)
+    weight_bytes = sum(t.numel() for t in net.state_dict().values()) * dtype.itemsize
+    total, active = cfg.parameter_counts()
+    kinds = {k: cfg.layer_types.count(k) for k in sorted(set(cfg.layer_types))}
+    tok = Tokenizer.from_dir(path)
+    data = {
+        "path": str(path), "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "layers": cfg.num_hidden_layers, "layer_types": kinds, "attention_heads": cfg.num_attention_heads,
+        "head_dims": sorted(set(cfg.layer_head_dims)), "kv_heads": sorted(set(cfg.layer_kv_heads)),
+        "experts": cfg.num_experts, "top_k_experts": cfg.top_k_experts, "sliding_window": cfg.sliding_window,
+        "canvas_length": cfg.canvas_length, "total_parameters": total, "active_parameters": active,
+        "dtype": str(dtype).removeprefix("torch."), "weight_bytes": weight_bytes,
+        "tokenizer": tok is not None, "chat_template": tok is not None and tok.chat_template is not None,
+        "generation": settings.to_hf_dict(),
+    }
+    if args.json:
+        print(json.dumps(data))
+        return 0
+    print(f"model        {path}")
+    print(f"shape        {cfg.num_hidden_layers} layers {kinds}, hidden {cfg.hidden_size}, "
+          f"{cfg.num_attention_heads} heads, head dims {data['head_dims']}, kv heads {data['kv_heads']}")
+    print(f"experts      {cfg.num_experts} (top {cfg.top_k_experts}), expert size {cfg.moe_intermediate_size}, "
+          f"dense MLP {cfg.intermediate_size}")
+    print(f"vocab        {cfg.vocab_size}, canvas {cfg.canvas_length}, sliding window {cfg.sliding_window}")
+    print(f"parameters   {_count(total)} total, {_count(active)} active per token")
+    print(f"weights      {weight_bytes / 2**30:.3f} GiB ({weight_bytes:,} bytes) in {data['dtype']}")
+    print(f"tokenizer    {'yes' if tok else 'no'}{', chat template' if data['chat_template'] else ''}")
+    print(f"generation   {settings.max_denoising_steps} steps, entropy bound {settings.entropy_bound}, "
+          f"t {settings.t_max}->{settings.t_min}, max_new_tokens {settings.max_new_tokens}")
+    return 0
+
+
+def cmd_init(args) -> int:
+    cfg = preset(args.preset)
+    net = DiffusionGemma(cfg).init_weights(args.seed).to({"float32": torch.float32,
+                                                         "bfloat16": torch.bfloat16}[args.dtype])
+    tok = Tokenizer.byte_level()
+    out = checkpoint.save(net, GenerationSettings(), args.out, tokenizer=tok if cfg.vocab_size >= tok.vocab_size else None)
+    print(f"wrote random {args.preset} checkpoint to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "info": cmd_info, "init": cmd_init}[args.command](args)
+    except (ValueError, OSError) as err:
+        print(f"dgemma {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Generation machinery: the KV cache and the canvas loop."""

@@ -1,0 +1,1 @@
+"""The DiffusionGemma network: layers and the shared encoder/decoder stack."""

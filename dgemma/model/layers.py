@@ -1,0 +1,167 @@
+"""Building blocks of the DiffusionGemma layer: RMSNorm, rotary embeddings, attention, dense MLP, router, experts.
+
+Owns the exact per-block math of the reference (float32 norms, scale-1 attention with q/k/v norms, keys as values
+on full layers, proportional partial RoPE, tanh-GELU gated MLPs, softmax top-k router with per-expert scales).
+Must not: know about caches, canvases, sampling or files. Attention takes ready key/value tensors and a mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import SLIDING, ModelConfig, RopeConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x * (mean(x^2) + eps)^-0.5 [* weight], computed in float32, returned in x's dtype."""
+    xf = x.float()
+    out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        out = out * weight.float()
+    return out.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, with_weight: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_weight else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] (float32). "proportional" rotates only the first
+    partial_factor share of the angles (exponents over the whole head_dim) and leaves the rest unrotated."""
+    if rope.kind == "proportional":
+        angles = int(rope.partial_factor * head_dim // 2)
+        exps = torch.arange(0, 2 * angles, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        inv = torch.cat([1.0 / rope.theta**exps, torch.zeros(head_dim // 2 - angles, device="cpu")])
+    else:
+        dim = int(head_dim * rope.partial_factor)
+        if dim != head_dim:
+            raise ValueError("default rope with partial_rotary_factor != 1 is not supported")
+        inv = 1.0 / rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
+    return inv / rope.factor
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """positions [T] (int) -> cos, sin [T, head_dim] in `dtype` (computed in float32)."""
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D], cos/sin [T, D] -> rotated x (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with q/k/v norms and scale 1. Full layers have no v_proj: values are the raw key
+    projections. `project` makes this step's rotated q, k and normed v; `attend` mixes them with cached keys."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        h, heads = cfg.hidden_size, cfg.num_attention_heads
+        self.head_dim = cfg.layer_head_dims[layer]
+        self.kv_heads = cfg.layer_kv_heads[layer]
+        self.eps = cfg.rms_norm_eps
+        self.q_proj = nn.Linear(h, heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False) if cfg.layer_types[layer] == SLIDING \
+            else None
+        self.o_proj = nn.Linear(heads * self.head_dim, h, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, T, hidden] -> q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, D]."""
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, -1, self.head_dim))
+        k_raw = self.k_proj(x).view(b, t, -1, self.head_dim)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim) if self.v_proj is not None else k_raw
+        k = self.k_norm(k_raw)
+        v = rms_norm(v, None, self.eps)
+        q = apply_rope(q, cos, sin).transpose(1, 2)
+        k = apply_rope(k, cos, sin).transpose(1, 2)
+        return q, k, v.transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q [B, H, T, D], k/v [B, Hkv, S, D], mask [B, 1, T, S] (True = may attend) -> [B, T, hidden]."""
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
+        b, _, t, _ = q.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class GatedMLP(nn.Module):
+    """down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Weightless RMSNorm -> * scale * hidden^-0.5 -> linear -> float32 softmax -> top-k -> renormalise ->
+    * per_expert_scale."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.eps = cfg.rms_norm_eps
+        self.top_k = cfg.top_k_experts
+        self.root = cfg.hidden_size**-0.5
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+
+    def forward(self, x: torch.Tensor):
+        """x [N, hidden] -> weights [N, k] (float32), expert ids [N, k]."""
+        scores = self.proj(rms_norm(x, None, self.eps) * self.scale * self.root)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        weights, index = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[index], index
+
+
+class Experts(nn.Module):
+    """E gated experts stored as gate_up_proj [E, 2I, H] and down_proj [E, H, I]. Token-expert pairs are sorted by
+    (expert, top-k slot, token), the reference's order, so each expert runs one matmul over all of its tokens."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """x [N, H], weights/index [N, k] -> [N, H]."""
+        n, k = index.shape
+        flat = index.reshape(-1)  # pair p = token * k + slot
+        slot_major = torch.arange(n * k, device=x.device).view(n, k).t().reshape(-1)  # pairs by (slot, token)
+        order = slot_major[torch.argsort(flat[slot_major], stable=True)]
+        token = order // k  # [N*k] token of each sorted pair
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        xs = x[token]
+        outs = []
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            chunk = xs[start:start + count]
+            gate, up = F.linear(chunk, self.gate_up_proj[expert]).chunk(2, dim=-1)
+            outs.append(F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[expert]))
+            start += count
+        ys = torch.cat(outs) * weights.reshape(-1)[order, None]
+        out = torch.zeros_like(x)
+        return out.index_add_(0, token, ys.to(x.dtype))

@@ -1,0 +1,110 @@
+"""The entropy-bound sampler for one canvas step, and the stable-and-confident stopping rule.
+
+Owns the reference's exact per-step arithmetic and its order of random draws (multinomial sample, then renoise ids),
+plus pinned positions: held to given ids at every step, never resampled or renoised, counted as zero entropy so they
+spend none of the entropy budget, and left out of the confidence mean.
+Must not: run the network or know about caches; it maps logits and canvases to canvases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def temperature(remaining: int, total: int, t_min: float, t_max: float) -> torch.Tensor:
+    """Linear schedule in the number of remaining steps (N..1): t_min + (t_max - t_min) * n / N, as a float32
+    scalar tensor computed in the same precision as the reference."""
+    step = torch.tensor(remaining, dtype=torch.int32)
+    return t_min + (t_max - t_min) * (step / total)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last dim: [..., V] -> [...] (the same arithmetic as a Categorical)."""
+    log_p = logits - logits.logsumexp(dim=-1, keepdim=True)
+    p = torch.softmax(log_p, dim=-1)
+    return -(log_p.clamp(min=torch.finfo(log_p.dtype).min) * p).sum(-1)
+
+
+def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:
+    """Accept the lowest-entropy positions while (cumulative entropy - current entropy) <= bound.
+    entropy [B, C] -> accepted mask [B, C] (at least one position per row)."""
+    sorted_entropy, order = torch.sort(entropy, dim=-1, descending=False)
+    chosen = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= bound
+    return torch.scatter(torch.zeros_like(chosen), dim=-1, index=order, src=chosen)
+
+
+@dataclass
+class Step:
+    temperature: torch.Tensor  # float32 scalar
+    logits: torch.Tensor  # [B, C, V] float32, tempered (the next step's self-conditioning input)
+    argmax: torch.Tensor  # [B, C] argmax canvas (the draft)
+    entropy: torch.Tensor  # [B, C] entropy of the tempered distribution (0 at pinned positions)
+    accepted: torch.Tensor  # [B, C] bool
+    accepted_canvas: torch.Tensor  # [B, C]
+    canvas: torch.Tensor  # [B, C] accepted canvas with the rest renoised: the next step's input
+
+
+def denoise_step(
+    raw_logits: torch.Tensor,
+    current: torch.Tensor,
+    remaining: int,
+    total: int,
+    *,
+    entropy_bound: float,
+    t_min: float,
+    t_max: float,
+    generator: torch.Generator | None = None,
+    pinned: torch.Tensor | None = None,
+    pinned_ids: torch.Tensor | None = None,
+) -> Step:
+    """One sampler step. raw_logits [B, C, V] float32 from the decoder; current [B, C] the canvas it read;
+    remaining = n of N. pinned [B, C] bool with pinned_ids [B, C] hold positions fixed."""
+    temp = temperature(remaining, total, t_min, t_max)
+    logits = raw_logits / temp
+    b, c, v = logits.shape
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    sampled = torch.multinomial(probs.view(-1, v), num_samples=1, generator=generator).view(b, c)
+    del probs
+    argmax = torch.argmax(logits, dim=-1)
+    entropy = token_entropy(logits)
+    if pinned is not None:
+        entropy = entropy.masked_fill(pinned, 0.0)
+    accepted = entropy_bound_accept(entropy, entropy_bound)
+    accepted_canvas = torch.where(accepted, sampled, current)
+    noise = torch.randint(0, v, (b, c), generator=generator, device=current.device)
+    canvas = torch.where(~accepted, noise, accepted_canvas)
+    if pinned is not None:
+        accepted_canvas = torch.where(pinned, pinned_ids, accepted_canvas)
+        canvas = torch.where(pinned, pinned_ids, canvas)
+        argmax = torch.where(pinned, pinned_ids, argmax)
+    return Step(temp, logits, argmax, entropy, accepted, accepted_canvas, canvas)
+
+
+class StopRule:
+    """Stop a row when its argmax canvas has equalled the previous `stability` steps' AND its mean entropy is below
+    `confidence` (mean over free positions when some are pinned). Reset per canvas."""
+
+    def __init__(self, stability: int, confidence: float, free: torch.Tensor | None = None):
+        self.stability = stability
+        self.confidence = confidence
+        self.free = free  # [B, C] bool, None = all free
+        self.history: torch.Tensor | None = None  # [stability, B, C]
+
+    def __call__(self, argmax: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+        """argmax [B, C], entropy [B, C] -> stop [B] bool."""
+        if self.stability == 0:
+            stable = torch.ones(argmax.shape[0], dtype=torch.bool, device=argmax.device)
+        else:
+            if self.history is None:
+                self.history = torch.full((self.stability, *argmax.shape), -1, dtype=argmax.dtype,
+                                          device=argmax.device)
+            stable = (self.history == argmax[None]).all(dim=-1).all(dim=0)
+            self.history = torch.roll(self.history, shifts=-1, dims=0)
+            self.history[-1] = argmax
+        if self.free is None:
+            mean = entropy.mean(dim=-1)
+        else:
+            mean = (entropy * self.free).sum(-1) / self.free.sum(-1).clamp(min=1)
+        return stable & (mean < self.confidence)

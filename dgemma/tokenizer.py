@@ -1,0 +1,205 @@
+"""Tokenizer: text <-> token ids and chat-template rendering for a checkpoint directory.
+
+Contract
+- Owns: loading ``tokenizer.json`` (via the ``tokenizers`` library), the chat template
+  (``chat_template.jinja`` or ``tokenizer_config.json["chat_template"]``) and the special-token
+  ids (bos / eos / pad) gathered from ``tokenizer_config.json``, ``config.json`` and
+  ``generation_config.json``; encoding, decoding and rendering chat messages to a prompt string.
+- Must not: touch the network, unpickle anything, run remote code, or know about the model,
+  sampling or devices. Ids are plain ``list[int]``; tensors are only accepted as decode input.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import decoders, models, pre_tokenizers
+
+# Special tokens of the byte-level tokenizer, at the ids the model config expects (pad 0, eos 1, bos 2).
+BYTE_SPECIALS = ("<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>")
+BYTE_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|turn>{{ m['role'] }}\n{{ m['content'] }}<turn|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
+
+
+def _read_json(path: Path) -> dict:
+    """Parsed JSON object at ``path``; ``{}`` if the file is missing; ValueError naming it if malformed."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"malformed JSON in {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"malformed JSON in {path}: expected an object")
+    return data
+
+
+def _as_ids(value: Any) -> list[int]:
+    """An ``int`` / list of ints / None from a config -> list of ints."""
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def _raise_exception(msg: str) -> None:
+    raise ValueError(msg)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _validate_messages(messages: Any) -> None:
+    """Raise ValueError unless ``messages`` is a non-empty list of {"role": str, "content": str | parts}."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] is not a dict")
+        if "role" not in m:
+            raise ValueError(f"messages[{i}] has no 'role'")
+        if not isinstance(m["role"], str):
+            raise ValueError(f"messages[{i}]['role'] is not a string")
+        if "content" not in m:
+            raise ValueError(f"messages[{i}] has no 'content'")
+        content = m["content"]
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise ValueError(f"messages[{i}]['content'][{j}] is not a {{'type': 'text', 'text': str}} part")
+        elif not isinstance(content, str):
+            raise ValueError(f"messages[{i}]['content'] must be a string or a list of text parts")
+
+
+class Tokenizer:
+    """Text <-> ids for a checkpoint directory: tokenizer.json via the `tokenizers` library, plus the chat template.
+
+    Attributes: ``bos_token_id: int | None``, ``eos_token_ids: list[int]`` (de-duplicated, in order),
+    ``pad_token_id: int | None``, ``chat_template: str | None``.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, chat_template: str | None = None, special: dict | None = None):
+        """``special`` may hold ``bos_token_id`` (int | None), ``eos_token_ids`` (list[int]), ``pad_token_id`` (int | None)."""
+        special = special or {}
+        self.backend = backend
+        self.chat_template = chat_template
+        self.bos_token_id: int | None = special.get("bos_token_id")
+        self.eos_token_ids: list[int] = list(dict.fromkeys(special.get("eos_token_ids") or []))
+        self.pad_token_id: int | None = special.get("pad_token_id")
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer | None:
+        """Load from a checkpoint directory; None when it has no ``tokenizer.json``."""
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            return None
+        backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        tok_cfg = _read_json(path / "tokenizer_config.json")
+        cfg = _read_json(path / "config.json")
+        gen_cfg = _read_json(path / "generation_config.json")
+        text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+
+        def from_tok_cfg(key: str) -> int | None:
+            tok = tok_cfg.get(key)
+            tok = tok.get("content") if isinstance(tok, dict) else tok
+            return backend.token_to_id(tok) if isinstance(tok, str) else None
+
+        def from_cfg(key: str) -> Any:
+            return text_cfg.get(key, cfg.get(key))
+
+        bos = from_tok_cfg("bos_token")
+        pad = from_tok_cfg("pad_token")
+        eos_ids = _as_ids(from_tok_cfg("eos_token")) + _as_ids(from_cfg("eos_token_id")) + _as_ids(gen_cfg.get("eos_token_id"))
+        special = {
+            "bos_token_id": bos if bos is not None else next(iter(_as_ids(from_cfg("bos_token_id"))), None),
+            "eos_token_ids": eos_ids,
+            "pad_token_id": pad if pad is not None else next(iter(_as_ids(from_cfg("pad_token_id"))), None),
+        }
+
+        template_file = path / "chat_template.jinja"
+        if template_file.is_file():
+            template = template_file.read_text(encoding="utf-8")
+        else:
+            template = tok_cfg.get("chat_template")
+            if isinstance(template, list):
+                template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+            if not isinstance(template, str):
+                template = None
+        return cls(backend, template, special)
+
+    @classmethod
+    def byte_level(cls) -> Tokenizer:
+        """A tokenizer with one id per byte (261 ids: the specials above, then 256 bytes): any text, no training."""
+        vocab = {t: i for i, t in enumerate(BYTE_SPECIALS)}
+        for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+            vocab[ch] = len(vocab)
+        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens(list(BYTE_SPECIALS))
+        return cls(backend, BYTE_CHAT_TEMPLATE, {"bos_token_id": 2, "eos_token_ids": [1], "pad_token_id": 0})
+
+    def save(self, path: str | Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and (if any) chat_template.jinja into directory `path`."""
+        path = Path(path)
+        self.backend.save(str(path / "tokenizer.json"))
+        config = {
+            "bos_token": self._token_str(self.bos_token_id) or None,
+            "eos_token": self._token_str(self.eos_token_ids[0] if self.eos_token_ids else None) or None,
+            "pad_token": self._token_str(self.pad_token_id) or None,
+        }
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        if self.chat_template is not None:
+            (path / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the backend knows, added tokens included."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """``text`` -> ids; special tokens are never added except a leading bos when ``add_bos``."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_bos:
+            if self.bos_token_id is None:
+                raise ValueError("add_bos=True but this tokenizer has no bos token")
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+        """``ids`` (list[int] or 1-D tensor) -> text, dropping special tokens by default."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def _token_str(self, token_id: int | None) -> str:
+        return (self.backend.id_to_token(token_id) or "") if token_id is not None else ""
+
+    def apply_chat_template(
+        self, messages: list[dict], *, add_generation_prompt: bool = True, thinking: bool = False, **extra: Any
+    ) -> str:
+        """Render ``messages`` with the checkpoint's chat template (sandboxed Jinja) to a prompt string."""
+        if self.chat_template is None:
+            raise ValueError("this checkpoint has no chat template; use complete() or pass token ids")
+        _validate_messages(messages)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = _strftime_now
+        return env.from_string(self.chat_template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=thinking,
+            bos_token=self._token_str(self.bos_token_id),
+            eos_token=self._token_str(self.eos_token_ids[0] if self.eos_token_ids else None),
+            **extra,
+        )
+
+    def encode_chat(self, messages: list[dict], *, thinking: bool = False, **extra: Any) -> list[int]:
+        """Render with a generation prompt, then encode; the template emits bos itself, so none is added."""
+        return self.encode(self.apply_chat_template(messages, thinking=thinking, **extra), add_bos=False)
