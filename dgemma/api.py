@@ -174,6 +174,8 @@ class Model:
         """Continue raw text (a string or a list of strings); BOS is prepended when the model has one."""
         tok = self._need_tokenizer()
         texts = [text] if isinstance(text, str) else list(text)
+        if not texts or any(not isinstance(t, str) or not t for t in texts):
+            raise ValueError("empty prompt: complete() needs non-empty text")
         prompts = [tok.encode(t, add_bos=self.config.bos_token_id is not None) for t in texts]
         result = self.generate(prompts, **kw)
         return TextResult([tok.decode(ids) for ids in result.token_ids], result)

@@ -1,0 +1,79 @@
+"""`dgemma run`, `info` and `init` on a random tiny checkpoint with a byte-level tokenizer made here."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+import dgemma
+from dgemma.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny"
+    assert main(["init", str(path), "--preset", "tiny", "--seed", "1"]) == 0
+    return path
+
+
+def test_init_writes_a_loadable_checkpoint_with_tokenizer(tiny_dir):
+    names = {p.name for p in tiny_dir.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "chat_template.jinja"} <= names
+    model = dgemma.load(tiny_dir)
+    assert model.tokenizer is not None and model.config.canvas_length == 32
+
+
+def test_run_prints_text_and_stats(tiny_dir, capsys):
+    assert main(["run", "def fib(n):", "--model", str(tiny_dir), "--max-new-tokens", "40", "--steps", "4",
+                 "--seed", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "tokens in" in err and "tokens/forward" in err and "steps per canvas" in err
+    again = main(["run", "def fib(n):", "--model", str(tiny_dir), "--max-new-tokens", "40", "--steps", "4",
+                  "--seed", "0"])
+    assert again == 0 and capsys.readouterr().out == out  # same seed, same text
+
+
+def test_run_json_chat_and_ids(tiny_dir, capsys):
+    assert main(["run", "hello", "--model", str(tiny_dir), "--chat", "--json", "--max-new-tokens", "7",
+                 "--steps", "3", "--seed", "2"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) >= {"text", "token_ids", "tokens_per_forward", "steps_per_canvas", "finish_reason"}
+    assert len(data["token_ids"]) <= 7 and isinstance(data["text"], str)
+    assert main(["run", "5, 6 7", "--ids", "--model", str(tiny_dir), "--max-new-tokens", "5", "--steps", "2",
+                 "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) <= 5
+
+
+def test_info_reports_parameters_and_bytes(tiny_dir, capsys):
+    assert main(["info", "--model", str(tiny_dir), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    total, active = dgemma.load(tiny_dir).config.parameter_counts()
+    assert data["total_parameters"] == total and data["active_parameters"] == active < total
+    assert data["dtype"] == "float32" and data["weight_bytes"] >= 4 * total
+    assert main(["info", "--model", str(tiny_dir), "--dtype", "bfloat16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["weight_bytes"] == data["weight_bytes"] // 2
+    assert main(["info", "--model", str(tiny_dir)]) == 0
+    assert "active per token" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["run", "x", "--model", "/nonexistent/dir"], "no checkpoint directory"),
+    (["run", "1 two", "--ids", "--model", "{tiny}"], "--ids expects integers"),
+    (["run", "x", "--model", "{tiny}", "--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+    (["run", "", "--model", "{tiny}"], "empty prompt"),
+    (["info", "--model", "/nonexistent/dir"], "no checkpoint directory"),
+])
+def test_errors_are_one_line_with_exit_code_2(tiny_dir, capsys, argv, match):
+    argv = [a.replace("{tiny}", str(tiny_dir)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1
+
+
+def test_console_script_is_installed(tiny_dir):
+    exe = shutil.which("dgemma")
+    assert exe, "the dgemma console script is not on PATH"
+    proc = subprocess.run([exe, "info", "--model", str(tiny_dir)], capture_output=True, text=True)
+    assert proc.returncode == 0 and "parameters" in proc.stdout
