@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -87,7 +88,8 @@ def _weight_files(path: Path) -> list[Path]:
             if not f.is_file():
                 raise CheckpointError(f"{index} names {f.name}, which is missing")
         return files
-    files = sorted(path.glob("*.safetensors"))
+    files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() \
+        else sorted(path.glob("model*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no .safetensors weights (pickled weights are never loaded)")
     return files
@@ -191,16 +193,17 @@ def load_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype | None, device
 
 
 def save(net: DiffusionGemma, settings: GenerationSettings, path: str | os.PathLike,
-         tokenizer: Tokenizer | None = None) -> Path:
-    """Write `net` as a checkpoint directory (config.json, generation_config.json, model.safetensors, and the
-    tokenizer's files if given). Atomic: an existing directory at `path` is replaced only once the new one is
-    complete."""
+         tokenizer: Tokenizer | None = None, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write `net` as a checkpoint directory (config.json, generation_config.json, model.safetensors, the
+    tokenizer's files if given, and whatever `extra(tmp_dir)` writes). Atomic: the files are written to a temporary
+    directory that then takes the place of `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         tensors = {}
         for name, tensor in net.state_dict().items():
+            tensor = tensor.detach()
             if name in ("encoder_layer_scalars", "decoder_layer_scalars"):
                 prefix = _ENCODER if name.startswith("encoder") else _DECODER
                 for i, value in enumerate(tensor):
@@ -214,6 +217,8 @@ def save(net: DiffusionGemma, settings: GenerationSettings, path: str | os.PathL
         (tmp / "generation_config.json").write_text(json.dumps(settings.to_hf_dict(), indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp)
+        if extra is not None:
+            extra(tmp)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")

@@ -52,11 +52,23 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_args(info, required=True)
     info.add_argument("--json", action="store_true", help="print JSON")
 
+    train = sub.add_parser("train", help="train or fine-tune (see `dgemma train --help`)", add_help=False)
+    train.add_argument("args", nargs=argparse.REMAINDER)
+
     init = sub.add_parser("init", help="write a randomly initialised checkpoint of a named shape")
     init.add_argument("out", help="directory to create")
     init.add_argument("--preset", default="tiny", choices=PRESET_NAMES)
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+    ev = sub.add_parser("eval-code", help="infill and completion on held-out standard-library modules")
+    _add_model_args(ev, required=False)
+    ev.add_argument("--limit", type=int, default=50, help="samples per task (default: 50)")
+    ev.add_argument("--seed", type=int, default=0, help="sample selection and sampler seed (default: 0)")
+    ev.add_argument("--steps", type=int, default=None, help="maximum denoising steps per canvas")
+    ev.add_argument("--max-prefix-tokens", type=int, default=1024, help="prompt cap in tokens (default: 1024)")
+    ev.add_argument("--max-new-tokens", type=int, default=128, help="completion budget in tokens (default: 128)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -161,10 +173,23 @@ def cmd_init(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train.trainer import main as train_main
+
+    return train_main(args.args)
+
+
+def cmd_eval_code(args) -> int:
+    from .train.eval_code import cmd_eval_code as run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "info": cmd_info, "init": cmd_init}[args.command](args)
+        return {"run": cmd_run, "info": cmd_info, "init": cmd_init, "train": cmd_train,
+                "eval-code": cmd_eval_code}[args.command](args)
     except (ValueError, OSError) as err:
         print(f"dgemma {args.command}: error: {err}", file=sys.stderr)
         return 2

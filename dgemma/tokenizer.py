@@ -17,7 +17,7 @@ from typing import Any
 
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 # Special tokens of the byte-level tokenizer, at the ids the model config expects (pad 0, eos 1, bos 2).
 BYTE_SPECIALS = ("<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>")
@@ -143,6 +143,22 @@ class Tokenizer:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
         backend.add_special_tokens(list(BYTE_SPECIALS))
+        return cls(backend, BYTE_CHAT_TEMPLATE, {"bos_token_id": 2, "eos_token_ids": [1], "pad_token_id": 0})
+
+    @classmethod
+    def train_bpe(cls, texts, vocab_size: int) -> Tokenizer:
+        """Train a byte-level BPE on an iterable of strings: the byte-level specials and chat template, then the
+        256 bytes, then merges up to `vocab_size` ids."""
+        if vocab_size < len(BYTE_SPECIALS) + 256:
+            raise ValueError(f"a byte-level BPE needs vocab_size >= {len(BYTE_SPECIALS) + 256}, got {vocab_size}")
+        backend = tokenizers.Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=list(BYTE_SPECIALS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        )
+        backend.train_from_iterator(texts, trainer=trainer)
         return cls(backend, BYTE_CHAT_TEMPLATE, {"bos_token_id": 2, "eos_token_ids": [1], "pad_token_id": 0})
 
     def save(self, path: str | Path) -> None:

@@ -23,6 +23,14 @@ class KVCache:
         self.length = 0
         self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # [B, length]
 
+    def snapshot(self) -> KVCache:
+        """A cache that shares today's tensors; later writes to either one do not show in the other (writes
+        replace tensors, they never modify them in place)."""
+        copy = object.__new__(KVCache)
+        copy.__dict__.update(self.__dict__)
+        copy.keys, copy.values = list(self.keys), list(self.values)
+        return copy
+
     @property
     def batch_size(self) -> int:
         return self.valid.shape[0]

@@ -140,17 +140,20 @@ class DiffusionGemma(nn.Module):
         cache.advance(valid)
         return hidden
 
-    def decode(self, canvas: torch.Tensor, cache: KVCache,
-               self_conditioning_logits: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, canvas: torch.Tensor, cache: KVCache, self_conditioning_logits: torch.Tensor | None = None,
+               self_conditioning_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Bidirectional pass over canvas [B, C] placed right after the cached prefix; reads `cache` without
         writing it. self_conditioning_logits [B, C, V] are the previous step's processed logits (None on the
-        first step). Returns float32 soft-capped logits [B, C, V]."""
+        first step); self_conditioning_mask [B] bool zeroes the signal of some rows (training). Returns float32
+        soft-capped logits [B, C, V]."""
         x = self.embed(canvas)
         soft = None
         if self_conditioning_logits is not None:
             probs = torch.softmax(self_conditioning_logits, dim=-1, dtype=torch.float32).to(self.dtype)
             scale = torch.tensor(self.config.hidden_size**0.5).to(self.dtype)
             soft = (probs @ self.embed_tokens.weight) * scale
+            if self_conditioning_mask is not None:
+                soft = soft * self_conditioning_mask.to(soft.dtype)[:, None, None]
         x = self.self_conditioning(x, soft)
         positions = torch.arange(cache.length, cache.length + canvas.shape[1], device=canvas.device)
         masks = cache.decoder_masks(canvas.shape[1])

@@ -1,0 +1,187 @@
+"""Training: the loss falls, --resume is exact, saves are atomic, outputs load everywhere, bad inputs are named."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dgemma
+from dgemma.train import trainer as trainer_mod
+from dgemma.train.data import ChatData, Shape
+from dgemma.train.trainer import Trainer, read_config
+from dgemma.tokenizer import Tokenizer
+
+CODE = '''def add(a, b):
+    """Return the sum."""
+    return a + b
+
+
+class Box:
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+'''
+
+
+def write_config(tmp_path: Path, **sections) -> Path:
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    for i in range(3):
+        (data / f"m{i}.py").write_text(CODE.replace("add", f"add{i}") * 4)
+    base = {
+        "model": {"preset": "tiny", "canvas_length": 8,
+                  "overrides": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                "layer_types": ["sliding_attention", "full_attention"], "num_experts": 4,
+                                "moe_intermediate_size": 16, "sliding_window": 16}},
+        "data": {"train": [str(data / "m[01].py")], "heldout": [str(data / "m2.py")]},
+        "train": {"out": str(tmp_path / "run"), "steps": 6, "batch_size": 4, "max_prefix": 12, "lr": 3e-3,
+                  "warmup": 2, "eval_every": 3, "eval_batches": 1, "save_every": 3, "seed": 1},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        nested = {k: v for k, v in values.items() if isinstance(v, dict)}
+        for k, v in values.items():
+            if not isinstance(v, dict):
+                lines.append(f"{k} = {json.dumps(v)}")
+        for k, v in nested.items():
+            lines.append(f"[{name}.{k}]")
+            lines.extend(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items())
+    path = tmp_path / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(config: Path, *overrides: str, resume: bool = False) -> Trainer:
+    trainer = Trainer(read_config(config, list(overrides)), resume=resume, log=lambda m: None)
+    trainer.run()
+    return trainer
+
+
+def test_loss_falls_and_outputs_load(tmp_path):
+    cfg = write_config(tmp_path)
+    t = run(cfg, "train.steps=40", "train.save_every=40", "train.eval_every=20")
+    losses = t.history["loss"]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    out = tmp_path / "run" / (tmp_path / "run" / "latest").read_text()
+    model = dgemma.load(out)
+    assert model.tokenizer is not None
+    r = model.complete("def add", max_new_tokens=8, max_denoising_steps=4, seed=0)
+    assert len(r.result.token_ids[0]) <= 8
+    # transformers reads the same directory and computes the same logits.
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    ref = DiffusionGemmaForBlockDiffusion.from_pretrained(out, experts_implementation="eager").eval()
+    prompt, canvas = torch.randint(3, 200, (1, 10)), torch.randint(0, 200, (1, 8))
+    with torch.no_grad():
+        expected = ref(input_ids=prompt, decoder_input_ids=canvas).logits
+    assert (model.canvas_logits(prompt, canvas) - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    straight = run(write_config(tmp_path / "a" if (tmp_path / "a").mkdir() is None else None))
+    cfg = write_config(tmp_path / "b" if (tmp_path / "b").mkdir() is None else None)
+    original = Trainer.step
+
+    def crash_at_4(self, step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "step", crash_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.setattr(Trainer, "step", original)
+    resumed = run(cfg, resume=True)
+    assert resumed.history["loss"] == straight.history["loss"]
+    assert resumed.history["eval_loss"] == straight.history["eval_loss"]
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    cfg = write_config(tmp_path)
+    calls = {"n": 0}
+    real = trainer_mod.save_file
+
+    def dies_on_second_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the process is killed while writing the step-6 checkpoint
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "save_file", dies_on_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    run_dir = tmp_path / "run"
+    assert (run_dir / "latest").read_text() == "step-000003"
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("step-")) == ["step-000003"]
+    dgemma.load(run_dir / "step-000003")
+    monkeypatch.setattr(trainer_mod, "save_file", real)
+    assert run(cfg, resume=True).start_step == 3
+
+
+def test_two_process_torchrun_matches_one_process(tmp_path):
+    cfg = write_config(tmp_path, train={"steps": 2, "save_every": 2, "eval_every": 2})
+    single = run(cfg, f"train.out={json.dumps(str(tmp_path / 'one'))}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "dgemma.train", str(cfg), "--set", f"train.out={json.dumps(str(tmp_path / 'two'))}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = json.loads((tmp_path / "two" / "step-000002" / "trainer_state.json").read_text())["history"]
+    assert two["loss"] == pytest.approx(single.history["loss"], rel=1e-5)
+
+
+def test_chat_data_supervises_only_the_reply(tmp_path):
+    tok = Tokenizer.byte_level()
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                          {"role": "assistant", "content": "hello there"}]}) + "\n")
+    data = ChatData([f], tok)
+    batch = data.batch(Shape(8, 2, 0, 64), 0, 0, 0, range(2))
+    prompt, reply = data.examples[0]
+    prefix = batch.ids.shape[1] - 16
+    assert batch.ids[0, prefix:prefix + len(reply)].tolist() == reply
+    assert not batch.supervise[0, :prefix].any()
+    assert batch.supervise[0, prefix:prefix + 16].all()  # the reply (11 + EOS) and the pad of its 2nd block
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"data": {"train": ["/nowhere/*.py"]}}, "matches no files"),
+    ({"train": {"stepz": 3}}, "unknown config key train.stepz"),
+    ({"modle": {"preset": "tiny"}}, "unknown config section"),
+    ({"train": {"max_prefix": 5000}}, "needs 5008 positions"),
+])
+def test_bad_configs_name_the_problem(tmp_path, change, match):
+    cfg = write_config(tmp_path, **change)
+    with pytest.raises(ValueError, match=match):
+        run(cfg)
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path, capsys):
+    f = tmp_path / "chat.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    f.write_text(good + "\n{broken\n" + good + "\n")
+    with pytest.raises(ValueError, match=r"chat.jsonl:2: malformed JSON"):
+        ChatData([f], Tokenizer.byte_level())
+    data = ChatData([f], Tokenizer.byte_level(), skip_bad_lines=True)
+    assert len(data) == 2 and "chat.jsonl:2" in capsys.readouterr().err
+
+
+def test_cli_entry_and_override_parsing(tmp_path):
+    cfg = write_config(tmp_path, train={"steps": 2, "save_every": 2, "eval_every": 2})
+    from dgemma.cli import main
+
+    assert main(["train", str(cfg), "--set", "train.lr=0.001"]) == 0
+    assert (tmp_path / "run" / "step-000002" / "model.safetensors").is_file()
+    assert main(["train", str(cfg), "--set", "train.nope=1"]) == 2
+    shutil.rmtree(tmp_path / "run")
