@@ -1,0 +1,83 @@
+"""The running interpreter's standard-library Python source as a code corpus, split into train and held-out files.
+
+Owns: where the standard library lives (`stdlib_root`), which files belong to the corpus, and the fixed held-out
+modules (`HELD_OUT_MODULES`) kept for evaluation only. A corpus file is a `.py` file under the root that
+- is not inside a test suite (any folder named `test`, `tests` or `idle_test`: `test/`, `idlelib/idle_test`,
+  `lib2to3/tests`, `unittest/test`, `ctypes/test`, ...),
+- is not inside `site-packages` / `dist-packages` (third-party code), `__pycache__` or the build's `config-*` folder,
+- is not the generated, platform-specific `_sysconfigdata_*.py`,
+- decodes as UTF-8 and parses with `ast.parse`.
+Listings are sorted by path relative to the root, so they are deterministic for a given interpreter; the scan runs
+once per process. Held-out and train never share a file: a file is held out iff its top-level module (first path
+component, `.py` dropped) is in HELD_OUT_MODULES.
+Must not: tokenize, batch or know about models.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import os
+import sysconfig
+import warnings
+from pathlib import Path
+
+# Ordinary, varied pure-Python modules present in CPython 3.10 to 3.13 (none deprecated or removed in that range):
+# text processing, numbers, data formats, algorithms, file and date utilities. Two are packages (html, json).
+HELD_OUT_MODULES: tuple[str, ...] = (
+    "base64", "bisect", "calendar", "colorsys", "csv", "difflib", "filecmp", "fnmatch", "fractions", "gettext",
+    "glob", "graphlib", "heapq", "html", "ipaddress", "json", "netrc", "pprint", "sched", "shlex", "statistics",
+    "textwrap",
+)
+
+SPLITS = ("train", "heldout")
+_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+def stdlib_root() -> Path:
+    """The standard library's source folder of the running interpreter (sysconfig's 'stdlib' path)."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def module_of(path: Path, root: Path | None = None) -> str:
+    """The top-level module a corpus file belongs to: 'json' for json/decoder.py, 'textwrap' for textwrap.py."""
+    first = Path(path).relative_to(root or stdlib_root()).parts[0]
+    return first.removesuffix(".py")
+
+
+def _is_python(path: Path) -> bool:
+    """True when the file decodes as UTF-8 and parses (syntax warnings such as bad escapes are ignored)."""
+    try:
+        source = path.read_bytes().decode("utf-8")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ast.parse(source)
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError, RecursionError):
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _corpus(root: str) -> tuple[Path, ...]:
+    """Every corpus file under `root`, sorted by relative path."""
+    base = Path(root)
+    found = []
+    for folder, dirs, files in os.walk(base):
+        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.startswith("config-")]
+        for name in files:
+            if name.endswith(".py") and not name.startswith("_sysconfigdata"):
+                found.append(Path(folder, name))
+    found.sort(key=lambda p: p.relative_to(base).as_posix())
+    return tuple(p for p in found if _is_python(p))
+
+
+def stdlib_files(split: str) -> list[Path]:
+    """The sorted corpus files of one split: "train" (everything else) or "heldout" (HELD_OUT_MODULES only)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    root = stdlib_root()
+    if not root.is_dir():
+        raise OSError(f"the standard library source folder {root} does not exist")
+    held = set(HELD_OUT_MODULES)
+    want_held = split == "heldout"
+    return [p for p in _corpus(str(root)) if (module_of(p, root) in held) == want_held]
