@@ -58,17 +58,26 @@ def denoise_step(
     generator: torch.Generator | None = None,
     pinned: torch.Tensor | None = None,
     pinned_ids: torch.Tensor | None = None,
+    chunk_rows: int = 64,
 ) -> Step:
-    """One sampler step. raw_logits [B, C, V] float32 from the decoder; current [B, C] the canvas it read;
-    remaining = n of N. pinned [B, C] bool with pinned_ids [B, C] hold positions fixed."""
+    """One sampler step. raw_logits [B, C, V] float32 from the decoder (divided by the temperature in place, so the
+    decoder's buffer becomes the returned tempered logits); current [B, C] the canvas it read; remaining = n of N.
+    pinned [B, C] bool with pinned_ids [B, C] hold positions fixed. Temporaries are at most `chunk_rows` x V."""
     temp = temperature(remaining, total, t_min, t_max)
-    logits = raw_logits / temp
+    logits = raw_logits.div_(temp)
     b, c, v = logits.shape
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    sampled = torch.multinomial(probs.view(-1, v), num_samples=1, generator=generator).view(b, c)
-    del probs
-    argmax = torch.argmax(logits, dim=-1)
-    entropy = token_entropy(logits)
+    flat = logits.view(-1, v)
+    sampled = torch.empty(b * c, dtype=torch.long, device=logits.device)
+    argmax = torch.empty_like(sampled)
+    entropy = torch.empty(b * c, dtype=logits.dtype, device=logits.device)
+    # Rows are independent and torch.multinomial draws row after row, so chunking changes no result.
+    for start in range(0, b * c, chunk_rows):
+        rows = flat[start:start + chunk_rows]
+        probs = torch.softmax(rows, dim=-1)
+        sampled[start:start + chunk_rows] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        argmax[start:start + chunk_rows] = rows.argmax(-1)
+        entropy[start:start + chunk_rows] = token_entropy(rows)
+    sampled, argmax, entropy = sampled.view(b, c), argmax.view(b, c), entropy.view(b, c)
     if pinned is not None:
         entropy = entropy.masked_fill(pinned, 0.0)
     accepted = entropy_bound_accept(entropy, entropy_bound)

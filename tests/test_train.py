@@ -46,6 +46,7 @@ def write_config(tmp_path: Path, **sections) -> Path:
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
+        base[name] = {k: v for k, v in base[name].items() if v is not None}  # None removes a key
     lines = []
     for name, values in base.items():
         lines.append(f"[{name}]")
@@ -185,3 +186,30 @@ def test_cli_entry_and_override_parsing(tmp_path):
     assert (tmp_path / "run" / "step-000002" / "model.safetensors").is_file()
     assert main(["train", str(cfg), "--set", "train.nope=1"]) == 2
     shutil.rmtree(tmp_path / "run")
+
+
+def test_lora_trains_only_adapters_and_merges_to_the_same_logits(tmp_path):
+    from dgemma import checkpoint
+    from dgemma.train import lora
+
+    run(write_config(tmp_path, train={"steps": 2, "save_every": 2, "eval_every": 2}))
+    base_dir = tmp_path / "run" / "step-000002"
+    cfg = write_config(tmp_path, model={"preset": None, "checkpoint": str(base_dir)},
+                       train={"out": str(tmp_path / "lora"), "steps": 3, "save_every": 3, "eval_every": 3,
+                              "lr": 0.05},
+                       lora={"rank": 4, "alpha": 8.0})
+    run(cfg)
+    out = tmp_path / "lora" / "step-000003"
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    base, merged = dgemma.load(base_dir), dgemma.load(out)
+    changed = {k for k, v in merged.net.state_dict().items() if not torch.equal(v, base.net.state_dict()[k])}
+    assert changed and all(k.split(".")[2] in ("self_attn", "mlp") and k.split(".")[3] in
+                           lora.ATTENTION + lora.DENSE_MLP for k in changed), sorted(changed)
+    # Base + saved adapters (unmerged) computes what the merged checkpoint computes.
+    cfg_model, _ = checkpoint.read_config(base_dir)
+    adapted = checkpoint.load_weights(base_dir, cfg_model, torch.float32, torch.device("cpu"))
+    lora.load_adapters(adapted, out)
+    prompt, canvas = torch.randint(3, 200, (1, 10)), torch.randint(0, 200, (1, 8))
+    unmerged = dgemma.Model(adapted).canvas_logits(prompt, canvas)
+    assert torch.allclose(unmerged, merged.canvas_logits(prompt, canvas), atol=1e-4)
+    assert not torch.allclose(unmerged, base.canvas_logits(prompt, canvas), atol=1e-4)

@@ -134,15 +134,45 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[index], index
 
 
+# How Experts runs its matmuls: "grouped" (one torch._grouped_mm per projection over all experts, where this build
+# and the shapes allow it), "loop" (one matmul per expert: the plain reference path), or "auto" (grouped if possible).
+EXPERTS_IMPL = "auto"
+
+
+def _grouped_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    if EXPERTS_IMPL == "loop" or not hasattr(torch, "_grouped_mm"):
+        return False
+    # The kernel needs 16-byte aligned rows; on GPUs it wants bfloat16.
+    aligned = all(w.shape[-1] * w.element_size() % 16 == 0 and w.shape[-2] * w.element_size() % 16 == 0
+                  for w in weights)
+    return aligned and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+
+
 class Experts(nn.Module):
     """E gated experts stored as gate_up_proj [E, 2I, H] and down_proj [E, H, I]. Token-expert pairs are sorted by
-    (expert, top-k slot, token), the reference's order, so each expert runs one matmul over all of its tokens."""
+    (expert, top-k slot, token), the reference's order, so each expert multiplies all of its tokens at once: in one
+    grouped matmul over every expert, or expert by expert (see EXPERTS_IMPL); both give the same numbers."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def _mlp(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs [P, H] grouped by expert with counts [E] -> [P, H]."""
+        if _grouped_ok(xs, self.gate_up_proj, self.down_proj):
+            offsets = counts.cumsum(0).to(torch.int32)
+            gate, up = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+            hidden = (F.gelu(gate, approximate="tanh") * up).contiguous()
+            return torch._grouped_mm(hidden, self.down_proj.transpose(1, 2), offs=offsets)
+        outs, start = [], 0
+        for expert, count in enumerate(counts.tolist()):
+            if count:
+                gate, up = F.linear(xs[start:start + count], self.gate_up_proj[expert]).chunk(2, dim=-1)
+                outs.append(F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[expert]))
+                start += count
+        return torch.cat(outs)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """x [N, H], weights/index [N, k] -> [N, H]."""
@@ -151,17 +181,7 @@ class Experts(nn.Module):
         slot_major = torch.arange(n * k, device=x.device).view(n, k).t().reshape(-1)  # pairs by (slot, token)
         order = slot_major[torch.argsort(flat[slot_major], stable=True)]
         token = order // k  # [N*k] token of each sorted pair
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
-        xs = x[token]
-        outs = []
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            chunk = xs[start:start + count]
-            gate, up = F.linear(chunk, self.gate_up_proj[expert]).chunk(2, dim=-1)
-            outs.append(F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[expert]))
-            start += count
-        ys = torch.cat(outs) * weights.reshape(-1)[order, None]
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        ys = self._mlp(x[token], counts) * weights.reshape(-1)[order, None]
         out = torch.zeros_like(x)
         return out.index_add_(0, token, ys.to(x.dtype))

@@ -11,6 +11,7 @@ Must not: define the loss (objective.py) or the data order (data.py).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -31,12 +32,14 @@ from ..config import GenerationSettings, preset
 from ..model.diffusion_gemma import DiffusionGemma
 from ..tokenizer import Tokenizer
 from .data import ChatData, Shape, TextData, expand_globs, stream_seed
+from . import lora
+from .lora import LoRAConfig
 from .objective import ObjectiveOptions, losses, token_counts
 
 
 @dataclass
 class ModelSection:
-    preset: str | None = "tiny"  # a named shape for a from-scratch model ...
+    preset: str | None = None  # a named shape for a from-scratch model ...
     checkpoint: str | None = None  # ... or a checkpoint directory to fine-tune
     overrides: dict = field(default_factory=dict)  # text_config fields for the preset (e.g. num_hidden_layers)
     canvas_length: int | None = None  # preset only
@@ -91,12 +94,13 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     objective: ObjectiveOptions = field(default_factory=ObjectiveOptions)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     @classmethod
     def from_dict(cls, raw: dict) -> TrainConfig:
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         kinds = {"model": ModelSection, "tokenizer": TokenizerSection, "data": DataSection,
-                 "train": TrainSection, "objective": ObjectiveOptions}
+                 "train": TrainSection, "objective": ObjectiveOptions, "lora": LoRAConfig}
         values = {}
         for name, body in raw.items():
             if name not in sections:
@@ -107,6 +111,8 @@ class TrainConfig:
             for key in body:
                 if key not in known:
                     raise ValueError(f"unknown config key {name}.{key}; known: {', '.join(sorted(known))}")
+            if name == "lora" and "targets" in body:
+                body = {**body, "targets": tuple(body["targets"])}
             values[name] = kinds[name](**body)
         cfg = cls(**values)
         cfg.validate()
@@ -217,8 +223,11 @@ class Trainer:
 
     # -- model ----------------------------------------------------------------------------------------------------
     def _build(self, state):
+        """(tokenizer, network). On resume, full fine-tuning reloads our own checkpoint; a LoRA run rebuilds its
+        base exactly as at the start and loads the saved adapters onto it."""
         cfg = self.cfg
-        if state is not None:  # resume: weights and tokenizer from our own checkpoint
+        use_lora = cfg.lora.rank > 0
+        if state is not None and not use_lora:
             path = state["path"]
             cfg_model, _ = checkpoint.read_config(path)
             net = checkpoint.load_weights(path, cfg_model, torch.float32, torch.device("cpu"))
@@ -229,7 +238,7 @@ class Trainer:
             net = checkpoint.load_weights(path, cfg_model, torch.float32, torch.device("cpu"))
             tokenizer = Tokenizer.from_dir(Path(cfg.tokenizer.path or path)) or Tokenizer.byte_level()
         else:
-            tokenizer = self._tokenizer()
+            tokenizer = Tokenizer.from_dir(state["path"]) if state is not None else self._tokenizer()
             overrides = dict(cfg.model.overrides)
             overrides.setdefault("vocab_size", -(-tokenizer.vocab_size // 64) * 64)
             if cfg.model.canvas_length is not None:
@@ -238,7 +247,12 @@ class Trainer:
                                                                                      cfg.model.init_std)
         if net.config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {net.config.vocab_size}")
-        net.requires_grad_(True)
+        if not use_lora:
+            net.requires_grad_(True)
+        elif state is not None:
+            lora.load_adapters(net, state["path"])
+        else:
+            lora.apply(net, cfg.lora, cfg.train.seed)
         if cfg.train.freeze_router:
             for layer in net.layers:
                 layer.router.requires_grad_(False)
@@ -378,7 +392,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         name = f"step-{step:06d}"
         target = self.out / name
-        net = self.net
+        use_lora = self.cfg.lora.rank > 0
         state = {f"{pid}.{k}": v for pid, s in self.opt.state_dict()["state"].items()
                  for k, v in s.items() if isinstance(v, torch.Tensor)}
         meta = {"step": step, "config": self.cfg.to_dict(), "history": self.history}
@@ -386,7 +400,11 @@ class Trainer:
         def write_state(tmp: Path) -> None:
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "trainer_state.safetensors"))
             (tmp / "trainer_state.json").write_text(json.dumps(meta))
+            if use_lora:
+                lora.save_adapters(self.net, self.cfg.lora, tmp)
 
+        # A LoRA run saves a standard checkpoint with the adapters merged, plus the adapters on their own.
+        net = lora.merge(copy.deepcopy(self.net)) if use_lora else self.net
         checkpoint.save(net, GenerationSettings(), target, tokenizer=self.tokenizer, extra=write_state)
         pointer_tmp = self.out / ".latest.tmp"
         pointer_tmp.write_text(name)
