@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, quant
 from .config import GenerationSettings, ModelConfig
 from .engine.cache import KVCache
 from .engine.generate import GenerationResult, StepEvent, generate, pad_prompts
@@ -191,10 +191,13 @@ class Model:
 
 
 def load(path_or_repo_id: str | os.PathLike, device=None, dtype=None) -> Model:
-    """Load a checkpoint directory (or a Hub repo id, downloaded on first use) onto `device` in `dtype`
-    (default: the checkpoint's stored dtype)."""
+    """Load a checkpoint directory (or a Hub repo id, downloaded on first use; or a .gguf file) onto `device` in
+    `dtype` (default: the checkpoint's stored dtype). Quantized and FP8 directories keep their weight format."""
+    device = torch.device(device if device is not None else "cpu")
+    if quant.is_gguf(path_or_repo_id):
+        return Model(*quant.load_gguf(path_or_repo_id, device, _dtype(dtype)))
     path = checkpoint.resolve(path_or_repo_id)
     cfg, settings = checkpoint.read_config(path)
-    device = torch.device(device if device is not None else "cpu")
-    net = checkpoint.load_weights(path, cfg, _dtype(dtype), device)
+    load_weights = quant.weight_loader(path) or checkpoint.load_weights
+    net = load_weights(path, cfg, _dtype(dtype), device)
     return Model(net, settings, Tokenizer.from_dir(path), path)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, quant
 from .api import Model, load
 from .config import PRESET_NAMES, GenerationSettings, preset
 from .model.diffusion_gemma import DiffusionGemma
@@ -61,6 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
+    qz = sub.add_parser("quantize", help="convert a checkpoint (float, FP8 or .gguf) to int8 or int4 weights")
+    qz.add_argument("--model", required=True, help="source checkpoint directory, Hub repo id or .gguf file")
+    qz.add_argument("--to", required=True, choices=["int8", "int4"], help="weight format")
+    qz.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128],
+                    help="int4 group size (default 64); for int8, groups instead of one scale per output channel")
+    qz.add_argument("--embedding", default="int8", choices=["int8", "int4", "float"],
+                    help="format of the tied embedding / head (default: int8)")
+    qz.add_argument("--out", required=True, help="directory to write")
+    qz.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     ev = sub.add_parser("eval-code", help="infill and completion on held-out standard-library modules")
     _add_model_args(ev, required=False)
     ev.add_argument("--limit", type=int, default=50, help="samples per task (default: 50)")
@@ -69,6 +79,27 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-prefix-tokens", type=int, default=1024, help="prompt cap in tokens (default: 1024)")
     ev.add_argument("--max-new-tokens", type=int, default=128, help="completion budget in tokens (default: 128)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+
+    from .bench import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="measure generation speed: tokens/s, ms per step, memory, comparisons")
+    add_bench_arguments(bench)
+
+    serve = sub.add_parser("serve", help="serve an OpenAI-compatible API and a playground over HTTP")
+    _add_model_args(serve, required=False)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503 (default: 64)")
+    serve.add_argument("--max-batch", type=int, default=32, help="rows per engine call (default: 32)")
+    serve.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask")
+
+    chat = sub.add_parser("chat", help="chat in the terminal, watching each draft refine in place")
+    _add_model_args(chat, required=False)
+    chat.add_argument("--max-new-tokens", type=int, default=None, help="tokens per answer (default: checkpoint's)")
+    chat.add_argument("--steps", type=int, default=None, help="maximum denoising steps per canvas")
+    chat.add_argument("--seed", type=int, default=None, help="random seed for reproducible answers")
+    chat.add_argument("--thinking", action="store_true", help="let the model think first (if its template can)")
     return parser
 
 
@@ -146,6 +177,9 @@ def cmd_info(args) -> int:
         "tokenizer": tok is not None, "chat_template": tok is not None and tok.chat_template is not None,
         "generation": settings.to_hf_dict(),
     }
+    data.update(quant.describe(path, dtype) or {})  # quantized and FP8 checkpoints: format, resident bytes
+    resident = data.get("resident_bytes", weight_bytes)
+    data["bytes_per_parameter"] = resident / total
     if args.json:
         print(json.dumps(data))
         return 0
@@ -157,6 +191,9 @@ def cmd_info(args) -> int:
     print(f"vocab        {cfg.vocab_size}, canvas {cfg.canvas_length}, sliding window {cfg.sliding_window}")
     print(f"parameters   {_count(total)} total, {_count(active)} active per token")
     print(f"weights      {weight_bytes / 2**30:.3f} GiB ({weight_bytes:,} bytes) in {data['dtype']}")
+    if "quantization" in data:
+        print(f"quantized    {data['quantization']}: {resident / 2**30:.3f} GiB resident ({resident:,} bytes)")
+    print(f"bytes/param  {data['bytes_per_parameter']:.3f}")
     print(f"tokenizer    {'yes' if tok else 'no'}{', chat template' if data['chat_template'] else ''}")
     print(f"generation   {settings.max_denoising_steps} steps, entropy bound {settings.entropy_bound}, "
           f"t {settings.t_max}->{settings.t_min}, max_new_tokens {settings.max_new_tokens}")
@@ -173,6 +210,15 @@ def cmd_init(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    summary = quant.quantize(args.model, args.out, args.to, args.group_size,
+                             embedding=None if args.embedding == "float" else args.embedding,
+                             progress=not args.no_progress)
+    print(f"wrote {args.to} checkpoint to {summary['out']}: {summary['bytes'] / 2**30:.3f} GiB "
+          f"({summary['bytes_per_parameter']:.3f} bytes/parameter, from {summary['source_bytes'] / 2**30:.3f} GiB)")
+    return 0
+
+
 def cmd_train(args) -> int:
     from .train.trainer import main as train_main
 
@@ -185,11 +231,35 @@ def cmd_eval_code(args) -> int:
     return run(args)
 
 
+def cmd_bench(args) -> int:
+    from .bench import cmd_bench as run
+
+    return run(args)
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .serve.app import serve
+    except ImportError as err:
+        raise ValueError(f"serving needs the serve extra: pip install 'dgemma[serve]' ({err})") from None
+    return serve(_model_path(args.model), host=args.host, port=args.port, api_key=args.api_key, device=args.device,
+                 dtype=args.dtype, max_queue=args.max_queue, max_batch=args.max_batch, max_tokens=args.max_tokens)
+
+
+def cmd_chat(args) -> int:
+    from .serve.chat import chat
+
+    return chat(load(_model_path(args.model), device=args.device, dtype=args.dtype), sys.stdin, sys.stdout,
+                max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps, seed=args.seed,
+                thinking=args.thinking)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "info": cmd_info, "init": cmd_init, "train": cmd_train,
-                "eval-code": cmd_eval_code}[args.command](args)
+        return {"run": cmd_run, "info": cmd_info, "init": cmd_init, "quantize": cmd_quantize, "train": cmd_train,
+                "eval-code": cmd_eval_code, "serve": cmd_serve, "chat": cmd_chat,
+                "bench": cmd_bench}[args.command](args)
     except (ValueError, OSError) as err:
         print(f"dgemma {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -139,7 +139,10 @@ class TrainConfig:
 
 def read_config(path: str | os.PathLike, overrides: list[str] = ()) -> TrainConfig:
     """Parse a TOML (or YAML) config file, then apply `key.sub=value` overrides (values parsed as TOML)."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
 
     path = Path(path)
     if not path.is_file():
@@ -213,6 +216,8 @@ class Trainer:
         self.train_data = data_cls(expand_globs(cfg.data.train, "data.train"), self.tokenizer, **kwargs)
         self.eval_data = data_cls(expand_globs(cfg.data.heldout, "data.heldout"), self.tokenizer, **kwargs) \
             if cfg.data.heldout else None
+        self.log(f"data: {len(self.train_data):,} training {'tokens' if cfg.data.kind == 'text' else 'examples'}"
+                 f"; model: {sum(p.numel() for p in self.net.parameters()):,} parameters")
         params = [p for p in self.net.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]

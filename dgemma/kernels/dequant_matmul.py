@@ -1,0 +1,79 @@
+"""Matrix products with quantized weights (`dgemma.quant.formats.QTensor`), fused and reference.
+
+The fused path never builds the whole float weight: it dequantizes a tile of output channels (about
+`TILE_ELEMENTS` weights, small enough to stay in cache) and multiplies it at once, tile after tile; weights with one
+scale per output channel skip the weight-side multiply and scale the tile's output instead. The reference path
+dequantizes the whole weight, then calls the plain PyTorch op; tests check that both agree on CPU. `FUSED` switches
+between them. Activations keep their dtype (float32 or bfloat16); weights are decoded into that dtype.
+This is plain PyTorch, so it also runs on a GPU; there is no Triton kernel here.
+Must not: know modules, checkpoints or which weights are quantized.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..quant.formats import QTensor, dequantize
+
+FUSED = True
+TILE_ELEMENTS = 1 << 18
+
+
+def _tile_rows(q: QTensor) -> int:
+    return max(1, TILE_ELEMENTS // q.in_features)
+
+
+def linear_reference(x: torch.Tensor, q: QTensor) -> torch.Tensor:
+    """x [..., K] @ W[N, K]^T -> [..., N] by dequantizing W first."""
+    return F.linear(x, dequantize(q, x.dtype))
+
+
+def _tile_linear(x: torch.Tensor, q: QTensor) -> torch.Tensor:
+    """x [M, K] @ W[N, K]^T -> [M, N] for one tile. With one scale per row and no offset (per-channel int8, fp8)
+    the codes are multiplied as they are and the scales applied to the much smaller output."""
+    if q.scale.shape[-1] == 1 and q.offset is None:
+        return torch.mm(x, q.codes.to(x.dtype).t()).mul_(q.scale.view(1, -1).to(x.dtype))
+    return torch.mm(x, dequantize(q, x.dtype).t())
+
+
+def linear(x: torch.Tensor, q: QTensor) -> torch.Tensor:
+    """x [..., K] @ W[N, K]^T -> [..., N], dequantizing W one tile of output channels at a time."""
+    if not FUSED:
+        return linear_reference(x, q)
+    n, k = q.shape
+    step = _tile_rows(q)
+    flat = x.reshape(-1, k)  # [M, K]
+    if step >= n:
+        return _tile_linear(flat, q).view(*x.shape[:-1], n)
+    out = flat.new_empty(flat.shape[0], n)  # [M, N]
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        out[:, start:stop] = _tile_linear(flat, q.rows(start, stop))
+    return out.view(*x.shape[:-1], n)
+
+
+def matmul_reference(x: torch.Tensor, q: QTensor) -> torch.Tensor:
+    """x [..., N] @ W[N, K] -> [..., K] (W used untransposed, e.g. an embedding table) by dequantizing W first."""
+    return x @ dequantize(q, x.dtype)
+
+
+def matmul(x: torch.Tensor, q: QTensor) -> torch.Tensor:
+    """x [..., N] @ W[N, K] -> [..., K], summing tile products in float32 over row tiles of W."""
+    n, k = q.shape
+    step = _tile_rows(q)
+    if not FUSED or step >= n:
+        return matmul_reference(x, q)
+    flat = x.reshape(-1, n)  # [M, N]
+    acc = torch.zeros(flat.shape[0], k, dtype=torch.float32, device=x.device)  # [M, K]
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        acc.add_(flat[:, start:stop] @ dequantize(q.rows(start, stop), x.dtype))
+    return acc.to(x.dtype).view(*x.shape[:-1], k)
+
+
+def embedding(ids: torch.Tensor, q: QTensor, dtype: torch.dtype) -> torch.Tensor:
+    """ids [...] -> rows of W [..., K] in `dtype`; only the rows asked for are dequantized."""
+    flat = ids.reshape(-1)
+    rows = q.map(lambda t: t.index_select(0, flat))
+    return dequantize(rows, dtype).view(*ids.shape, q.in_features)

@@ -1,0 +1,102 @@
+"""Quantized weights: int8 / int4 formats, quantized modules, checkpoint conversion, FP8 and GGUF import.
+
+    quantize_model(net, "int4", 64)          swap a loaded float model's weights for quantized ones, in place
+    quantize(src, out, "int4", 64)           convert a checkpoint (float, FP8 or .gguf) to a quantized directory
+    weight_loader(path)                      the loader `dgemma.load` uses for a quantized or FP8 directory
+    load_gguf(path, device, dtype)           a model from a .gguf file
+    describe(path, dtype)                    format and resident bytes of a quantized or FP8 directory (`dgemma info`)
+
+Owns the dispatch between the formats (formats.py), the modules (modules.py), the quantized directory layout
+(convert.py), FP8 (fp8.py) and GGUF (gguf.py). Must not: change the model code; everything is swapped in after the
+network is built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .. import checkpoint
+from ..config import GenerationSettings
+from ..model.diffusion_gemma import DiffusionGemma
+from . import convert, fp8
+from .convert import Entry, quantize
+from .formats import QTensor, dequantize
+from .gguf import GGUFFile, is_gguf
+from .modules import build, quantize_model
+
+__all__ = ["quantize_model", "quantize", "weight_loader", "load_gguf", "describe", "is_gguf", "open_source",
+           "QTensor", "dequantize"]
+
+
+@dataclass
+class Source:
+    """A checkpoint read tensor by tensor: its config.json dict, generation settings and (name, value) entries."""
+
+    config_dict: dict
+    settings: GenerationSettings
+    entries: Iterator[Entry]
+    total_bytes: int
+    directory: Path | None  # where tokenizer and other side files live; None for a .gguf file
+
+
+def open_source(path_or_repo_id: str | os.PathLike) -> Source:
+    """A float or FP8 checkpoint directory (or Hub id), or a .gguf file, opened for streaming conversion."""
+    if is_gguf(path_or_repo_id):
+        g = GGUFFile(path_or_repo_id)
+        return Source(g.config.to_hf_dict(), g.settings, g.entries(), g.total_bytes, None)
+    path = checkpoint.resolve(path_or_repo_id)
+    cfg, settings = checkpoint.read_config(path)
+    meta = convert.metadata(path)
+    if meta is not None:
+        raise ValueError(f"{path} is already quantized ({meta['format']}); convert from the float or FP8 checkpoint")
+    tensors = convert.Tensors(path)
+    total = sum(tensors.nbytes(name) for name, _ in tensors.text())
+    entries = fp8.entries(tensors, cfg.num_experts) if fp8.metadata(path) else convert.float_entries(tensors)
+    config_dict = json.loads((path / "config.json").read_text())
+    config_dict.pop("quantization_config", None)
+    return Source(config_dict, settings, entries, total, path)
+
+
+def weight_loader(path: Path) -> Callable[..., DiffusionGemma] | None:
+    """The weight loader for a dgemma-quantized or FP8 directory, with `checkpoint.load_weights`' signature;
+    None for an ordinary float checkpoint."""
+    if convert.metadata(path) is not None:
+        return convert.load_weights
+    if fp8.metadata(path) is not None:
+        return fp8.load_weights
+    return None
+
+
+def load_gguf(path: str | os.PathLike, device: torch.device, dtype: torch.dtype | None):
+    """(network, generation settings, tokenizer None, path) from a .gguf file."""
+    g = GGUFFile(path)
+    return build(g.config, g.entries(), dtype, device, str(g.path)), g.settings, None, g.path
+
+
+def describe(path: Path, dtype: torch.dtype) -> dict | None:
+    """{"quantization": text, "resident_bytes": n} for a dgemma-quantized or FP8 directory (float tensors counted at
+    `dtype`); None for a float checkpoint."""
+    meta = convert.metadata(path)
+    if meta is not None:
+        cfg, _ = checkpoint.read_config(path)
+        group = f" group {meta['group_size']}" if meta["group_size"] else " per channel"
+        emb = f", embedding {meta['embedding'] or 'float'}"
+        resident = convert.resident_bytes(cfg, meta["format"], meta["group_size"], meta["embedding"], dtype.itemsize)
+        return {"quantization": f"{meta['format']}{group}{emb}", "resident_bytes": resident}
+    if fp8.metadata(path) is not None:
+        tensors = convert.Tensors(path)
+        resident = 0
+        for name, _ in tensors.text():
+            if name.endswith(fp8._DROPPED):
+                continue
+            stored = tensors.nbytes(name)
+            # 16-bit float tensors load in `dtype`; FP8 codes and float32 scales stay as stored.
+            resident += stored // 2 * dtype.itemsize if tensors.stored_dtype(name) in ("BF16", "F16") else stored
+        return {"quantization": "fp8 (e4m3, stored scales)", "resident_bytes": resident}
+    return None

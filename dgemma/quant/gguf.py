@@ -1,0 +1,244 @@
+"""GGUF files (llama.cpp's single-file format) read through the `gguf` package (`pip install dgemma[gguf]`).
+
+llama.cpp has no DiffusionGemma architecture, so dgemma defines one, following its `gemma4` conventions:
+
+    general.architecture = "diffusion_gemma"                  anything else is refused
+    diffusion_gemma.block_count, .embedding_length, .feed_forward_length, .expert_count, .expert_used_count,
+    .expert_feed_forward_length, .attention.head_count, .attention.head_count_kv (one value or one per layer),
+    .attention.key_length (full layers' head dim), .attention.key_length_swa (sliding layers' head dim),
+    .attention.sliding_window, .attention.sliding_window_pattern (one bool per layer, true = sliding)  required
+    .context_length, .rope.freq_base (1e6), .rope.freq_base_swa (1e4), .rope.partial_rotary_factor (0.25),
+    .attention.layer_norm_rms_epsilon (1e-6), .final_logit_softcapping (30), .canvas_length (256)     optional
+    tokenizer.ggml.bos_token_id / eos_token_id / eot_token_id / padding_token_id                        optional
+
+Tensor names (`N` = layer; shapes in PyTorch order; norms are multiplied as stored, no 1 + w):
+
+    token_embd.weight -> embed_tokens (tied head)    output_norm.weight -> norm
+    blk.N.attn_q/attn_k/attn_v/attn_output.weight -> self_attn.q_proj/k_proj/v_proj/o_proj
+    blk.N.attn_q_norm/attn_k_norm.weight -> self_attn.q_norm/k_norm
+    blk.N.attn_norm / post_attention_norm / ffn_norm / post_ffw_norm / post_ffw_norm_1 / pre_ffw_norm_2 /
+          post_ffw_norm_2 .weight -> input_layernorm / post_attention_layernorm / pre_feedforward_layernorm /
+          post_feedforward_layernorm / post_feedforward_layernorm_1 / pre_feedforward_layernorm_2 /
+          post_feedforward_layernorm_2
+    blk.N.ffn_gate/ffn_up/ffn_down.weight -> mlp.gate_proj/up_proj/down_proj
+    blk.N.ffn_gate_inp.weight / .scale -> router.proj / router.scale;  blk.N.ffn_down_exps.scale -> per_expert_scale
+    blk.N.ffn_gate_up_exps.weight [E, 2I, H], or ffn_gate_exps + ffn_up_exps [E, I, H] -> experts.gate_up_proj
+    blk.N.ffn_down_exps.weight [E, H, I] -> experts.down_proj
+    blk.N.layer_output_scale.weight -> layer scalar (both passes); blk.N.enc_layer_output_scale.weight -> encoder's
+    sc.ffn_gate/ffn_up/ffn_down/ffn_norm.weight -> self_conditioning.gate_proj/up_proj/down_proj/pre_norm
+
+Q8_0, Q4_0 and Q4_1 weights are repacked without arithmetic into dgemma's int8 / int4 formats (group 32); F32, F16
+and BF16 load as float; every other type the package can decode (K-quants, IQ types, ...) is dequantized to float.
+The GGUF vocabulary is not read: a model loaded from GGUF takes token ids.
+Must not: write GGUF files or guess a mapping for other architectures.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..config import GenerationSettings, ModelConfig
+from .convert import Entry
+from .formats import QTensor, dequantize
+
+ARCH = "diffusion_gemma"
+_LAYER = {
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "attn_norm.weight": "input_layernorm.weight", "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight", "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "post_ffw_norm_1.weight": "post_feedforward_layernorm_1.weight",
+    "pre_ffw_norm_2.weight": "pre_feedforward_layernorm_2.weight",
+    "post_ffw_norm_2.weight": "post_feedforward_layernorm_2.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "router.proj.weight", "ffn_gate_inp.scale": "router.scale",
+    "ffn_down_exps.scale": "router.per_expert_scale",
+    "ffn_gate_up_exps.weight": "experts.gate_up_proj", "ffn_down_exps.weight": "experts.down_proj",
+}
+_GLOBAL = {
+    "token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+    "sc.ffn_gate.weight": "self_conditioning.gate_proj.weight", "sc.ffn_up.weight": "self_conditioning.up_proj.weight",
+    "sc.ffn_down.weight": "self_conditioning.down_proj.weight", "sc.ffn_norm.weight": "self_conditioning.pre_norm.weight",
+}
+_BLOCK = re.compile(r"blk\.(\d+)\.(.+)$")
+_REQUIRED = object()
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("reading GGUF files needs the gguf package: pip install 'dgemma[gguf]'") from None
+    return gguf
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """True for an existing file named *.gguf."""
+    p = Path(path).expanduser()
+    return p.suffix.lower() == ".gguf" and p.is_file()
+
+
+class GGUFFile:
+    """An open GGUF file: its config, and its tensors mapped to dgemma parameter names."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser()
+        gguf = _gguf()
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except ValueError as err:
+            if "GGMLQuantizationType" in str(err):
+                raise ValueError(f"{self.path}: a tensor has an unknown GGML type ({err})") from None
+            raise ValueError(f"{self.path}: not a readable GGUF file ({err})") from None
+        arch = self._field("general.architecture", None)
+        if arch != ARCH:
+            raise ValueError(f"{self.path}: GGUF architecture {arch!r} is not supported; dgemma reads "
+                             f"architecture {ARCH!r} (DiffusionGemma)")
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        for t in self.reader.tensors:
+            self._check_type(t)
+        if "token_embd.weight" not in self.tensors:
+            raise ValueError(f"{self.path}: no token_embd.weight tensor")
+        self.config = self._config()
+        self.settings = GenerationSettings()
+
+    def _field(self, key: str, default=_REQUIRED):
+        field = self.reader.get_field(key)
+        if field is None:
+            if default is _REQUIRED:
+                raise ValueError(f"{self.path}: GGUF metadata lacks {key!r}")
+            return default
+        return field.contents()
+
+    def _float(self, key: str, default: float) -> float:
+        """A float32 metadata value as the decimal it was written from (1e-06, not 9.99999997e-07)."""
+        return float(str(np.float32(self._field(key, default))))
+
+    def _check_type(self, t) -> None:
+        gguf = _gguf()
+        q = gguf.GGMLQuantizationType
+        if t.tensor_type in (q.F32, q.F16, q.BF16, q.Q8_0, q.Q4_0, q.Q4_1):
+            return
+        _, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        try:
+            gguf.quants.dequantize(np.zeros((1, size), dtype=np.uint8), t.tensor_type)  # one zero block
+        except NotImplementedError:
+            raise ValueError(f"{self.path}: tensor {t.name!r} has GGML type {t.tensor_type.name}, which the gguf "
+                             "package cannot decode") from None
+
+    def _config(self) -> ModelConfig:
+        a = ARCH + "."
+        n = int(self._field(a + "block_count"))
+        pattern = self._field(a + "attention.sliding_window_pattern")
+        kv = self._field(a + "attention.head_count_kv")
+        kv = [int(kv)] * n if isinstance(kv, (int, np.integer)) else [int(v) for v in kv]
+        if len(pattern) != n or len(kv) != n:
+            raise ValueError(f"{self.path}: per-layer metadata does not have {n} entries (block_count)")
+        dims = {True: int(self._field(a + "attention.key_length_swa")), False: int(self._field(a + "attention.key_length"))}
+        types = ["sliding_attention" if s else "full_attention" for s in pattern]
+        vocab = int(self.tensors["token_embd.weight"].shape[1])  # ggml order: [hidden, vocab]
+        eos = [self._field(k, None) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+        text = {
+            "vocab_size": vocab, "hidden_size": int(self._field(a + "embedding_length")),
+            "intermediate_size": int(self._field(a + "feed_forward_length")), "num_hidden_layers": n,
+            "num_attention_heads": int(self._field(a + "attention.head_count")), "num_key_value_heads": kv[0],
+            "head_dim": dims[True], "layer_types": types,
+            "per_layer_config": {str(i): {"head_dim": dims[bool(s)], "num_key_value_heads": kv[i]}
+                                 for i, s in enumerate(pattern)},
+            "num_experts": int(self._field(a + "expert_count")),
+            "top_k_experts": int(self._field(a + "expert_used_count")),
+            "moe_intermediate_size": int(self._field(a + "expert_feed_forward_length")),
+            "sliding_window": int(self._field(a + "attention.sliding_window")),
+            "max_position_embeddings": int(self._field(a + "context_length", 262_144)),
+            "rms_norm_eps": self._float(a + "attention.layer_norm_rms_epsilon", 1e-6),
+            "final_logit_softcapping": self._float(a + "final_logit_softcapping", 30.0),
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default",
+                                      "rope_theta": self._float(a + "rope.freq_base_swa", 1e4)},
+                "full_attention": {"rope_type": "proportional",
+                                   "rope_theta": self._float(a + "rope.freq_base", 1e6),
+                                   "partial_rotary_factor": self._float(a + "rope.partial_rotary_factor", 0.25)},
+            },
+            "bos_token_id": self._field("tokenizer.ggml.bos_token_id", 2),
+            "pad_token_id": self._field("tokenizer.ggml.padding_token_id", 0),
+            "eos_token_id": sorted({int(e) for e in eos if e is not None}) or [1],
+        }
+        return ModelConfig.from_hf_dict({"model_type": "diffusion_gemma", "text_config": text,
+                                         "canvas_length": int(self._field(a + "canvas_length", 256))})
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(int(t.n_bytes) for t in self.reader.tensors)
+
+    def _value(self, name: str) -> QTensor | torch.Tensor:
+        """One tensor in PyTorch order: repacked into a QTensor when its blocks map exactly, else float."""
+        gguf = _gguf()
+        q = gguf.GGMLQuantizationType
+        t = self.tensors[name]
+        data = t.data
+        if t.tensor_type in (q.F32, q.F16):
+            return torch.from_numpy(np.array(data))
+        if t.tensor_type == q.BF16:
+            return torch.from_numpy(np.array(data).view(np.int16)).view(torch.bfloat16)
+        if t.tensor_type in (q.Q8_0, q.Q4_0, q.Q4_1):
+            _, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+            blocks = torch.from_numpy(np.array(data).reshape(*data.shape[:-1], -1, size))  # [..., N, K/32, size]
+            scale = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)  # [..., N, K/32]
+            if t.tensor_type == q.Q8_0:
+                codes = blocks[..., 2:].contiguous().view(torch.int8).flatten(-2)  # [..., N, K]
+                return QTensor("int8", codes, scale)
+            if t.tensor_type == q.Q4_0:
+                offset = (scale.float() * -8).half()
+                return QTensor("int4", blocks[..., 2:].flatten(-2).contiguous(), scale, offset)
+            offset = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1)
+            return QTensor("int4", blocks[..., 4:].flatten(-2).contiguous(), scale, offset)
+        return torch.from_numpy(gguf.quants.dequantize(np.array(data), t.tensor_type).astype(np.float32))
+
+    def _target(self, name: str) -> str | None:
+        if name in _GLOBAL:
+            return _GLOBAL[name]
+        match = _BLOCK.fullmatch(name)
+        if match is None:
+            return None
+        layer, rest = match.groups()
+        if rest == "layer_output_scale.weight":
+            return f"decoder_layer_scalars.{layer}"
+        if rest == "enc_layer_output_scale.weight":
+            return f"encoder_layer_scalars.{layer}"
+        return f"layers.{layer}.{_LAYER[rest]}" if rest in _LAYER else None
+
+    def entries(self) -> Iterator[Entry]:
+        """(parameter name, QTensor or float tensor) for every tensor, gate and up experts fused into gate_up."""
+        for name in self.tensors:
+            match = _BLOCK.fullmatch(name)
+            if match and match.group(2) in ("ffn_gate_exps.weight", "ffn_up_exps.weight"):
+                if match.group(2) == "ffn_up_exps.weight":
+                    continue
+                up_name = f"blk.{match.group(1)}.ffn_up_exps.weight"
+                if up_name not in self.tensors:
+                    raise ValueError(f"{self.path}: {name} has no matching {up_name}")
+                yield f"layers.{match.group(1)}.experts.gate_up_proj", _fuse(self._value(name), self._value(up_name))
+                continue
+            if name == "output.weight":  # an untied head copy; the model ties its head to token_embd
+                continue
+            target = self._target(name)
+            if target is None:
+                raise ValueError(f"{self.path}: unexpected GGUF tensor {name!r} for architecture {ARCH!r}")
+            yield target, self._value(name)
+
+
+def _fuse(gate: QTensor | torch.Tensor, up: QTensor | torch.Tensor) -> QTensor | torch.Tensor:
+    """Stack gate [E, I, H] and up [E, I, H] rows into gate_up [E, 2I, H], keeping a shared quantized format."""
+    if isinstance(gate, QTensor) and isinstance(up, QTensor) and gate.kind == up.kind:
+        return QTensor(gate.kind, torch.cat([gate.codes, up.codes], -2), torch.cat([gate.scale, up.scale], -2),
+                       None if gate.offset is None else torch.cat([gate.offset, up.offset], -2))
+    as_float = [dequantize(x) if isinstance(x, QTensor) else x.float() for x in (gate, up)]
+    return torch.cat(as_float, -2)

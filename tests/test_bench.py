@@ -1,0 +1,96 @@
+"""`dgemma bench` on the tiny shape: result structure, table, JSON and PNG, comparisons, fixed steps. No timings."""
+
+import json
+
+import pytest
+import torch
+
+from dgemma.bench import BenchOptions, format_table, run_bench
+from dgemma.cli import main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is several times faster than two fighting over shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def result():
+    opts = BenchOptions(shape="tiny", batches=(1, 2), prompt_len=8, steps=2, warmup=0, compare=("reference", "ar"))
+    return run_bench(opts)
+
+
+def test_every_implementation_and_batch_is_measured(result):
+    assert [(r["impl"], r["batch"]) for r in result["runs"]] == [
+        (impl, b) for b in (1, 2) for impl in ("ours", "reference", "ar")]
+    for r in result["runs"]:
+        assert r["new_tokens"] == r["batch"] * 32  # one tiny canvas per row
+        for key in ("decode_tokens_per_s", "end_to_end_tokens_per_s", "ms_per_step", "tokens_per_forward",
+                    "seconds", "decode_seconds"):
+            assert r[key] > 0, (r["impl"], key)
+        assert r["peak_memory_bytes"] >= 0 and r["roofline_fraction"] is None  # no bandwidth probe on the CPU
+        assert r["decode_seconds"] <= r["seconds"]
+    assert {(x["batch"], x["against"]) for x in result["ratios"]} == {
+        (b, other) for b in (1, 2) for other in ("reference", "ar")}
+    assert all(x["decode"] > 0 and x["end_to_end"] > 0 for x in result["ratios"])
+    assert result["reference_experts"] and 0 < result["step_weight_bytes"]["1"] <= result["weight_bytes"]
+
+
+def test_fixed_step_mode_runs_exactly_the_fixed_steps(result):
+    for r in result["runs"]:
+        if r["impl"] == "ar":
+            assert r["steps_per_canvas"] == [] and r["tokens_per_forward"] == pytest.approx(1, rel=0.1)
+        else:
+            assert result["max_denoising_steps"] == 2 and r["steps_per_canvas"] == [2]
+            assert all(run["steps_per_canvas"] == [2] and run["row_steps"] == [[2]] * r["batch"]
+                       for run in r["repeats"])
+
+
+def test_adaptive_mode_caps_the_steps():
+    result = run_bench(BenchOptions(shape="tiny", batches=(2,), prompt_len=4, steps=3, adaptive=True, warmup=0))
+    assert result["mode"] == "adaptive" and result["max_denoising_steps"] == 3
+    assert 2 <= result["runs"][0]["steps_per_canvas"][0] <= 3
+
+
+def test_table_names_every_run(result):
+    table = format_table(result)
+    assert "decode tok/s" in table and "ours / reference" in table and "ours / ar" in table
+    rows = [line.split() for line in table.splitlines()]
+    assert [row[:2] for row in rows if row[0] in ("ours", "reference", "ar")] == [
+        [impl, b] for b in ("1", "2") for impl in ("ours", "reference", "ar")]
+
+
+def test_command_writes_json_and_png(tmp_path, capsys):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert main(["bench", "--shape", "tiny", "--batch", "1", "--steps", "3", "--new-tokens", "40", "--prompt-len",
+                 "5", "--warmup", "0", "--json-out", str(out), "--png", str(png)]) == 0
+    assert "ms/step" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["runs"][0]["steps_per_canvas"] == [3, 3]  # 40 tokens take two canvases of 32
+    assert data["runs"][0]["new_tokens"] == 40
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "bench-results.json").exists()
+
+
+def test_compare_takes_both_spellings():
+    from dgemma.cli import _parser
+
+    for argv in (["--compare", "reference", "ar"], ["--compare", "reference", "--compare", "ar"]):
+        assert _parser().parse_args(["bench", *argv]).compare == ["reference", "ar"]
+
+
+def test_refusals(capsys):
+    assert main(["bench", "--shape", "26b-a4b"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["bench", "--shape", "tiny", "--steps", "1"]) == 2
+    assert "steps must be >= 2" in capsys.readouterr().err
+
+
+def test_meta_device_reports_weight_bytes_only(capsys):
+    assert main(["bench", "--shape", "26b-a4b", "--device", "meta", "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "read per denoising step" in out and "impl" not in out

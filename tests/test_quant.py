@@ -1,0 +1,170 @@
+"""Quantized formats, kernels and modules: layouts, fused == reference, accuracy of the logits, memory of 26B-A4B."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dgemma.api import Model
+from dgemma.config import preset
+from dgemma.kernels import dequant_matmul as kernels
+from dgemma.model.diffusion_gemma import DiffusionGemma
+from dgemma.quant import QTensor, dequantize, quantize_model
+from dgemma.quant.convert import resident_bytes
+from dgemma.quant.formats import group_for, pack_int4, quantize, quantized_nbytes, unpack_int4
+from dgemma.quant.modules import QuantEmbedding, QuantExperts, QuantLinear, QuantWeight
+
+
+def _weight(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.02
+
+
+def _fp8(w: torch.Tensor) -> QTensor:
+    scale = w.abs().amax(-1, keepdim=True) / 448  # one scale per row
+    return QTensor("fp8", (w / scale).to(torch.float8_e4m3fn), scale)
+
+
+@pytest.mark.parametrize("kind, group, bound", [("int8", None, 0.01), ("int8", 32, 0.01), ("int4", 32, 0.09),
+                                                ("int4", 64, 0.095), ("int4", 128, 0.1)])
+def test_quantize_error_and_shapes(kind, group, bound):
+    w = _weight(3, 40, 256)
+    q = quantize(w, kind, group)
+    g = group or 256
+    assert q.shape == w.shape and q.group_size == g
+    assert q.scale.shape == (3, 40, 256 // g)
+    assert q.nbytes == quantized_nbytes(tuple(w.shape), kind, group)
+    err = (dequantize(q) - w).norm() / w.norm()
+    assert err < bound
+    if kind == "int8":  # every value is within half a step, and a dequantized weight quantizes to itself
+        assert ((dequantize(q) - w).abs() <= q.scale.repeat_interleave(g, -1) / 2 + 1e-9).all()
+        assert torch.equal(quantize(dequantize(q), kind, group).codes, q.codes)
+
+
+def test_int4_layout_is_half_group_nibbles():
+    """Byte j of a group holds input j (low nibble) and input j + G/2 (high nibble): Q4_0's layout for G = 32."""
+    codes = torch.arange(64, dtype=torch.uint8).remainder(16).view(1, 64)
+    packed = pack_int4(codes, 32)
+    assert packed.shape == (1, 32)
+    assert packed[0, 0] == codes[0, 0] | (codes[0, 16] << 4)
+    assert packed[0, 16] == codes[0, 32] | (codes[0, 48] << 4)
+    assert torch.equal(unpack_int4(packed, 32), codes)
+
+
+def test_group_size_falls_back_to_a_divisor():
+    assert group_for(2816, 128) == 128
+    assert group_for(704, 128) == 88  # the released expert down_proj rows
+    assert group_for(2112, 128) == 96
+    assert group_for(32, 64) == 32
+    with pytest.raises(ValueError, match="even length"):
+        group_for(15, None)
+    with pytest.raises(ValueError, match="int8 or int4"):
+        quantize(_weight(4, 8), "int3", None)
+    with pytest.raises(ValueError, match="group size"):
+        quantize(_weight(4, 8), "int4", None)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernels_match_reference(kind, dtype, monkeypatch):
+    w = _weight(96, 128, seed=1)
+    q = _fp8(w) if kind == "fp8" else quantize(w, kind, 32)
+    monkeypatch.setattr(kernels, "TILE_ELEMENTS", 128 * 40)  # several tiles, the last one short
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 128, generator=gen).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(kernels.linear(x, q), kernels.linear_reference(x, q), **tol)
+    y = torch.randn(3, 96, generator=gen).to(dtype)
+    torch.testing.assert_close(kernels.matmul(y, q), kernels.matmul_reference(y, q), **tol)
+    ids = torch.tensor([[0, 95, 7], [3, 3, 50]])
+    assert torch.equal(kernels.embedding(ids, q, dtype), F.embedding(ids, dequantize(q, dtype)))
+
+
+def test_quant_weight_dispatches_and_refuses_the_rest():
+    q = quantize(_weight(4, 16, 32), "int4", 32)
+    w = QuantWeight(q, torch.float32)
+    assert w.shape == (4, 16, 32) and w.dtype == torch.float32 and w.device.type == "cpu"
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(F.linear(x, w[2]), x @ dequantize(q)[2].t())
+    with pytest.raises(TypeError, match="does not support"):
+        torch.exp(w)
+
+
+def _realistic(cfg, seed=0) -> DiffusionGemma:
+    """Random weights at the scales of a trained model: projections N(0, 0.02); each block adds ~30% to the residual
+    stream (post-norm weights 0.3), attention logits O(1) (q/k norm weights 0.35, since attention is unscaled), a
+    decided router (projection std 1) and an embedding giving logits of std ~1."""
+    net = DiffusionGemma(cfg).init_weights(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "q_norm" in name or "k_norm" in name:
+                p.copy_(0.35 * (1 + 0.2 * noise))
+            elif ".post_" in name and name.endswith("norm.weight"):
+                p.copy_(0.3 * (1 + 0.2 * noise))
+            elif name.endswith("norm.weight") or "scale" in name:
+                p.copy_(1 + 0.2 * noise)
+            elif "router.proj" in name:
+                p.copy_(noise)
+            elif "embed" in name:
+                p.copy_(0.1 * noise)
+    return net
+
+
+ACCURACY_CFG = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=4)
+
+
+@pytest.fixture(scope="module")
+def accuracy_model():
+    cfg = preset("tiny", **ACCURACY_CFG)
+    net = _realistic(cfg)
+    gen = torch.Generator().manual_seed(5)
+    prompt = torch.randint(3, cfg.vocab_size, (2, 20), generator=gen)
+    canvas = torch.randint(0, cfg.vocab_size, (2, cfg.canvas_length), generator=gen)
+    return net, prompt, canvas, Model(net).canvas_logits(prompt, canvas)
+
+
+@pytest.mark.parametrize("kind, group, floor", [("int8", None, 0.999), ("int4", 64, 0.99)])
+def test_logits_cosine_similarity(accuracy_model, kind, group, floor):
+    net, prompt, canvas, ref = accuracy_model
+    qnet = quantize_model(copy.deepcopy(net), kind, group)
+    assert isinstance(qnet.layers[0].self_attn.q_proj, QuantLinear)
+    assert isinstance(qnet.layers[0].experts, QuantExperts)
+    assert isinstance(qnet.embed_tokens, QuantEmbedding)
+    assert not isinstance(qnet.layers[0].router.proj, QuantLinear)  # the router stays float
+    out = Model(qnet).canvas_logits(prompt, canvas)
+    cos = F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
+    print(f"{kind} group {group}: logits cosine similarity {cos:.5f}")
+    assert cos >= floor
+
+
+def test_quantized_model_equals_its_dequantized_float_twin(accuracy_model):
+    """The fused quantized modules compute exactly what a float model holding the dequantized weights computes."""
+    net, prompt, canvas, _ = accuracy_model
+    qnet = quantize_model(copy.deepcopy(net), "int4", 32)
+    twin = copy.deepcopy(net)
+    state = twin.state_dict()
+    for name, module in qnet.named_modules():
+        for weight in getattr(module, "_kinds", {}):
+            state[f"{name}.{weight}"].copy_(dequantize(module.qtensor(weight)))
+    torch.testing.assert_close(Model(qnet).canvas_logits(prompt, canvas), Model(twin).canvas_logits(prompt, canvas),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_26b_a4b_int4_resident_weights_fit():
+    """int4 (group 64) with an int8 embedding/head: <= 15 GB of resident weights for the released shapes, counted
+    from every tensor's shape; the byte formula is checked against real quantization of full-size tensors."""
+    cfg = preset("26b-a4b")
+    total = resident_bytes(cfg, "int4", 64, "int8", float_bytes=2)
+    params, _ = cfg.parameter_counts()
+    print(f"26b-a4b int4/64: {total / 1e9:.2f} GB resident, {total / params:.3f} bytes/parameter")
+    assert total <= 15e9
+    assert resident_bytes(cfg, "int8", None, "int8", float_bytes=2) <= 27e9
+    for shape, kind, group in [((4096, 2816), "int4", 64),  # q_proj of a sliding layer
+                               ((2, 2816, 704), "int4", 64),  # two experts' down_proj
+                               ((2, 2816, 704), "int4", 128),  # ... where group 128 falls back to 88
+                               ((1408, 2816), "int8", None),  # one expert's gate_up_proj
+                               ((2048, 2816), "int8", None)]:  # embedding rows
+        q = quantize(torch.randn(shape) * 0.02, kind, group)
+        assert q.nbytes == quantized_nbytes(shape, kind, group)
