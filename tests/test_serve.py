@@ -349,7 +349,10 @@ def test_disconnect_frees_the_slot(server):
     assert health["running_rows"] == 0 and health["waiting"] == 0
 
     with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up is cancelled too
-        httpx.post(server.url + "/v1/completions", json={**long, "stream": False}, timeout=0.5)
+        # Seed 2 at 48 steps runs past 512 tokens without an EOS on this checkpoint: seconds of work even on a
+        # fast machine, so the client surely gives up first.
+        httpx.post(server.url + "/v1/completions",
+                   json={**long, "stream": False, "seed": 2, "max_denoising_steps": 48}, timeout=0.5)
     deadline = time.monotonic() + 10
     while httpx.get(server.url + "/health").json()["running_rows"] and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -3,16 +3,18 @@ each in diffusion mode and in the same checkpoint's autoregressive mode, plus a 
 
 Tasks
 - Infill: one line of a function body is removed (never blank, comment-only, a docstring or inside a multi-line
-  string). The text before it, up to and including the newline before it, is the prompt (the encoder prefix); the
-  text after it (from the removed line's own newline on) is pinned in the canvas right after the hole through
-  `Model.infill`. The hole has exactly the true line's token count: this is length-conditioned infill, the length
-  is given to the model. The first line of the filled text replaces the removed line. Metrics: the rate at which
+  string). The text before it, up to but not including the newline before it, is the prompt (the encoder prefix);
+  the hole is that newline plus the line (a byte-level BPE tokenizes a newline together with the next line's
+  indentation, so this is where training text splits too); the text after the line (from its own newline on) is
+  pinned in the canvas right after the hole through `Model.infill`. The hole has exactly the token count of newline
+  + true line: this is length-conditioned infill, the length is given to the model. The first line of the filled text replaces the removed line. Metrics: the rate at which
   the spliced file parses (`ast.parse`), exact match of the stripped lines, and the mean edit similarity
   (difflib's SequenceMatcher ratio of the stripped lines).
   AR mode gets the prefix only and greedily writes as many tokens as the hole has; its first line is taken.
   Baseline: the most common eligible line (stripped) at the removed line's indentation over the TRAIN split,
   re-indented like the removed line.
-- Completion: for a function with a docstring, the prompt is the file up to and including the docstring; the model
+- Completion: for a function with a docstring, the prompt is the file up to the docstring's end (its final newline
+  left for the model to write, as for infill); the model
   writes up to `max_new_tokens`; the text is cut before its first non-blank line indented at or below the `def`
   line (lines that continue a multi-line string or an open bracket do not count). Metric: the rate at which
   prompt + body parses, where a body with no code line counts as a failure (a docstring-only function parses
@@ -343,6 +345,15 @@ def _prompt(tokenizer: Tokenizer, model: Model, text: str, cap: int) -> list[int
     return [bos] + ids[max(len(ids) - (cap - 1), 0):]
 
 
+def _without_newline(text: str) -> str:
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _after_newline(generated: str) -> str:
+    """Generated text continuing a prompt that stopped before a newline: drop that one leading newline."""
+    return generated[1:] if generated.startswith("\n") else generated
+
+
 def _diffusion(call, *args, **kw):
     start = time.perf_counter()
     result = call(*args, **kw)
@@ -386,17 +397,19 @@ def evaluate(model: Model, *, limit: int = 50, seed: int = 0, steps: int | None 
 
     infill_rows = []
     for sample in holes:
-        prompt = _prompt(tok, model, sample.prefix, max_prefix_tokens)
-        hole = len(tok.encode(sample.line))
+        # The hole holds the newline before the line too, so prompt, hole and suffix split where training text
+        # tokenizes apart (a byte-level BPE merges a newline with the next line's indentation).
+        prompt = _prompt(tok, model, _without_newline(sample.prefix), max_prefix_tokens)
+        hole = len(tok.encode("\n" + sample.line))
         row = {"path": sample.path, "lineno": sample.lineno, "truth": sample.line}
         ids, stats = _diffusion(model.infill, prompt, tok.encode(sample.suffix), hole,
                                 max_denoising_steps=steps, seed=seed)
         bar.step()
-        row["diffusion"] = splice_line(sample, tok.decode(ids))[0]
+        row["diffusion"] = splice_line(sample, _after_newline(tok.decode(ids)))[0]
         tallies["infill", "diffusion"].add(score_line(sample, row["diffusion"]), **stats)
         ids, stats = _ar(model, prompt, hole)
         bar.step()
-        row["ar"] = splice_line(sample, tok.decode(ids))[0]
+        row["ar"] = splice_line(sample, _after_newline(tok.decode(ids)))[0]
         tallies["infill", "ar"].add(score_line(sample, row["ar"]), **stats)
         row["baseline"] = baseline_line(sample, table)
         tallies["infill", "baseline"].add(score_line(sample, row["baseline"]))
@@ -404,16 +417,16 @@ def evaluate(model: Model, *, limit: int = 50, seed: int = 0, steps: int | None 
 
     completion_rows = []
     for sample in funcs:
-        prompt = _prompt(tok, model, sample.prefix, max_prefix_tokens)
+        prompt = _prompt(tok, model, _without_newline(sample.prefix), max_prefix_tokens)  # see infill above
         row = {"path": sample.path, "lineno": sample.lineno}
         ids, stats = _diffusion(model.generate, [prompt], max_new_tokens=max_new_tokens,
                                 max_denoising_steps=steps, seed=seed)
         bar.step()
-        row["diffusion"] = cut_body(tok.decode(ids), sample.def_indent)
+        row["diffusion"] = cut_body(_after_newline(tok.decode(ids)), sample.def_indent)
         tallies["completion", "diffusion"].add(score_body(sample, row["diffusion"]), **stats)
         ids, stats = _ar(model, prompt, max_new_tokens)
         bar.step()
-        row["ar"] = cut_body(tok.decode(ids), sample.def_indent)
+        row["ar"] = cut_body(_after_newline(tok.decode(ids)), sample.def_indent)
         tallies["completion", "ar"].add(score_body(sample, row["ar"]), **stats)
         completion_rows.append(row)
     bar.close()
