@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
 from . import checkpoint, quant
 from .config import GenerationSettings, ModelConfig
 from .engine.cache import KVCache
-from .engine.generate import GenerationResult, StepEvent, generate, pad_prompts
+from .engine.generate import GenerationResult, StepEvent, generate, pad_prompts, prompt_rows
 from .model.diffusion_gemma import DiffusionGemma
 from .tokenizer import Tokenizer
 
@@ -62,25 +62,7 @@ class Model:
     # ---- inputs ------------------------------------------------------------------------------------------------
     def _prompts(self, prompt_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """A 2-D tensor or a list of id lists -> left-padded ids [B, T] and valid [B, T], validated."""
-        if isinstance(prompt_ids, torch.Tensor):
-            if prompt_ids.dim() != 2 or prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool:
-                raise ValueError(f"prompt_ids tensor must be 2-D integer ids, got shape {tuple(prompt_ids.shape)} "
-                                 f"dtype {prompt_ids.dtype}")
-            rows = prompt_ids.tolist()
-        else:
-            if not isinstance(prompt_ids, Sequence) or isinstance(prompt_ids, (str, bytes)):
-                raise ValueError("prompt_ids must be a list of id lists or a 2-D tensor")
-            rows = [list(p) for p in prompt_ids] if prompt_ids and not isinstance(prompt_ids[0], int) \
-                else [list(prompt_ids)]
-        if not rows:
-            raise ValueError("empty prompt: prompt_ids holds no prompts")
-        vocab = self.config.vocab_size
-        for i, row in enumerate(rows):
-            if not row:
-                raise ValueError(f"empty prompt: prompt {i} has no tokens")
-            for t in row:
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                    raise ValueError(f"prompt {i}: token id {t!r} is outside the vocabulary [0, {vocab})")
+        rows = prompt_rows(prompt_ids, self.config.vocab_size)
         longest = max(len(r) for r in rows)
         if longest + self.config.canvas_length > self.config.max_position_embeddings:
             raise ValueError(f"prompt of {longest} tokens plus a canvas exceeds the context of "

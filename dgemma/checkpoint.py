@@ -10,6 +10,7 @@ Must not: unpickle anything, run remote code, or know about generation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -192,15 +193,34 @@ def load_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype | None, device
     return net.eval()
 
 
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike):
+    """Yield a temporary directory beside `path`; when the block succeeds it takes the place of `path` (an older
+    directory there is moved aside first and removed last); when it fails it is removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save(net: DiffusionGemma, settings: GenerationSettings, path: str | os.PathLike,
          tokenizer: Tokenizer | None = None, extra: Callable[[Path], None] | None = None) -> Path:
     """Write `net` as a checkpoint directory (config.json, generation_config.json, model.safetensors, the
     tokenizer's files if given, and whatever `extra(tmp_dir)` writes). Atomic: the files are written to a temporary
     directory that then takes the place of `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         tensors = {}
         for name, tensor in net.state_dict().items():
             tensor = tensor.detach()
@@ -219,15 +239,4 @@ def save(net: DiffusionGemma, settings: GenerationSettings, path: str | os.PathL
             tokenizer.save(tmp)
         if extra is not None:
             extra(tmp)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return Path(path)

@@ -60,6 +60,15 @@ def reference_checkpoint(directory, name: str = "ssf", seed: int = 0, canvas_len
     return path, model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tests use tiny matrices: one thread is several times faster than two fighting over shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ckpt_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("ckpts")

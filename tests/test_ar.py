@@ -9,15 +9,6 @@ from dgemma.engine.ar import ar_generate
 from dgemma.engine.cache import KVCache
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is several times faster than two fighting over shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
     path = tmp_path_factory.mktemp("ar") / "tiny"

@@ -3,19 +3,9 @@
 import json
 
 import pytest
-import torch
 
 from dgemma.bench import BenchOptions, format_table, run_bench
 from dgemma.cli import main
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is several times faster than two fighting over shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

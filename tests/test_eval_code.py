@@ -4,7 +4,6 @@ tiny checkpoint (structure, rates in [0, 1], a train-only baseline, deterministi
 import json
 
 import pytest
-import torch
 
 import dgemma
 from dgemma.cli import main
@@ -31,15 +30,6 @@ b"""
         self.size += by
         return self.size
 '''
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is several times faster than two fighting over shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -213,3 +213,13 @@ def test_lora_trains_only_adapters_and_merges_to_the_same_logits(tmp_path):
     unmerged = dgemma.Model(adapted).canvas_logits(prompt, canvas)
     assert torch.allclose(unmerged, merged.canvas_logits(prompt, canvas), atol=1e-4)
     assert not torch.allclose(unmerged, base.canvas_logits(prompt, canvas), atol=1e-4)
+
+
+def test_several_blocks_per_sequence_and_balance_loss(tmp_path):
+    """Two supervised canvases per sequence (the second reads the first through the encoder) and the MoE
+    load-balancing term: the run trains and its losses are finite."""
+    cfg = write_config(tmp_path, train={"steps": 2, "save_every": 2, "eval_every": 2, "blocks": 2},
+                       objective={"balance_weight": 0.01, "reweight": True})
+    t = run(cfg)
+    assert all(torch.isfinite(torch.tensor(v)) for v in t.history["loss"])
+    assert t.shape.blocks == 2

@@ -16,29 +16,13 @@ import torch
 
 from ..model.diffusion_gemma import DiffusionGemma
 from .cache import KVCache
-from .generate import pad_prompts
+from .generate import pad_prompts, prompt_rows
 
 
 @dataclass
 class ArResult:
     token_ids: list[list[int]]  # new ids per prompt, at most max_new_tokens, the stop id excluded
     forwards: int  # encoder passes run for the batch (the prefill included)
-
-
-def _rows(prompt_ids, vocab: int) -> list[list[int]]:
-    """One id list or a list of id lists -> validated list of non-empty id lists."""
-    if isinstance(prompt_ids, torch.Tensor):
-        prompt_ids = prompt_ids.tolist()
-    if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
-        raise ValueError("prompt_ids must be a non-empty list of token ids or a list of such lists")
-    rows = [list(prompt_ids)] if isinstance(prompt_ids[0], int) else [list(p) for p in prompt_ids]
-    for i, row in enumerate(rows):
-        if not row:
-            raise ValueError(f"empty prompt: prompt {i} has no tokens")
-        for t in row:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"prompt {i}: token id {t!r} is outside the vocabulary [0, {vocab})")
-    return rows
 
 
 @torch.no_grad()
@@ -52,7 +36,7 @@ def ar_generate(net: DiffusionGemma, prompt_ids, max_new_tokens: int, *, tempera
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
         raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-    rows = _rows(prompt_ids, cfg.vocab_size)
+    rows = prompt_rows(prompt_ids, cfg.vocab_size)
     longest = max(len(r) for r in rows)
     if longest + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the context of "

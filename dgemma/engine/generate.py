@@ -41,6 +41,27 @@ class GenerationResult:
     finish_reasons: list[str] = field(default_factory=list)  # "stop" (EOS) or "length"
 
 
+def prompt_rows(prompt_ids, vocab: int) -> list[list[int]]:
+    """A 2-D tensor, a list of id lists or one id list -> validated id lists (errors name the problem)."""
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.dim() not in (1, 2) or prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool:
+            raise ValueError(f"prompt_ids tensor must hold integer ids, got shape {tuple(prompt_ids.shape)} "
+                             f"dtype {prompt_ids.dtype}")
+        prompt_ids = prompt_ids.tolist()
+    if not isinstance(prompt_ids, (list, tuple)):
+        raise ValueError("prompt_ids must be a list of id lists or a 2-D tensor")
+    if not prompt_ids:
+        raise ValueError("empty prompt: prompt_ids holds no prompts")
+    rows = [list(prompt_ids)] if isinstance(prompt_ids[0], int) else [list(p) for p in prompt_ids]
+    for i, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"empty prompt: prompt {i} has no tokens")
+        for t in row:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"prompt {i}: token id {t!r} is outside the vocabulary [0, {vocab})")
+    return rows
+
+
 def pad_prompts(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad id lists into ids [B, T] and valid [B, T] (False on padding)."""
     width = max(len(p) for p in prompts)

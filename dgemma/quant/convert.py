@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -32,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .. import checkpoint
+from ..checkpoint import atomic_directory
 from ..config import ModelConfig
 from ..model.diffusion_gemma import DiffusionGemma
 from .formats import INT4_GROUP_SIZES, QTensor, dequantize, quantize as quantize_tensor, quantized_nbytes
@@ -246,9 +246,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, fmt: str, group_siz
         raise ValueError("an int4 embedding needs a group size")
     src_info = open_source(src)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         writer = _ShardWriter(tmp, shard_bytes)
         params = in_bytes = 0
         bar = tqdm(total=src_info.total_bytes, unit="B", unit_scale=True, desc="quantize", disable=not progress,
@@ -288,16 +286,5 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, fmt: str, group_siz
                     shutil.copy2(f, tmp / f.name)
         if not (tmp / "generation_config.json").is_file():
             (tmp / "generation_config.json").write_text(json.dumps(src_info.settings.to_hf_dict(), indent=2))
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out), "parameters": params, "source_bytes": in_bytes, "bytes": writer.total,
             "bytes_per_parameter": writer.total / max(params, 1)}
