@@ -77,3 +77,14 @@ def test_console_script_is_installed(tiny_dir):
     assert exe, "the dgemma console script is not on PATH"
     proc = subprocess.run([exe, "info", "--model", str(tiny_dir)], capture_output=True, text=True)
     assert proc.returncode == 0 and "parameters" in proc.stdout
+
+
+def test_run_without_model_uses_the_bundled_model(capsys):
+    from dgemma.cli import BUNDLED
+
+    assert (BUNDLED / "model.safetensors").is_file(), "the package ships a trained model"
+    size = sum(p.stat().st_size for p in BUNDLED.iterdir())
+    assert size <= 25 * 2**20, f"the bundled model takes {size / 2**20:.1f} MiB"
+    assert main(["run", "def fib(n):", "--max-new-tokens", "12", "--steps", "4", "--seed", "0", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert 0 < len(data["token_ids"]) <= 12 or data["finish_reason"] == "stop"

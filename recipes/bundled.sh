@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Reproduces the bundled model (dgemma/assets/model): train from scratch on the standard library with
+# recipes/bundled.toml, extend twice with warm restarts of the cosine schedule (1000 -> 2200 -> 3400 steps), then
+# copy the last checkpoint, without its optimiser state, into the package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1  # on a small shared CPU one thread avoids OpenMP threads spinning against each other
+dgemma train recipes/bundled.toml
+dgemma train recipes/bundled.toml --resume --set train.steps=2200
+dgemma train recipes/bundled.toml --resume --set train.steps=3400
+src="runs/bundled/$(cat runs/bundled/latest)"
+dst=dgemma/assets/model
+rm -rf "$dst" && mkdir -p "$dst"
+for f in config.json generation_config.json model.safetensors tokenizer.json tokenizer_config.json chat_template.jinja; do
+    cp "$src/$f" "$dst/"
+done
+# Generation defaults for the bundled model: 48 steps (more than its 32-token canvas) and 128 new tokens.
+python - "$dst/generation_config.json" <<'PY'
+import json, sys
+path = sys.argv[1]
+cfg = json.load(open(path))
+cfg.update(max_new_tokens=128, max_denoising_steps=48)
+json.dump(cfg, open(path, "w"), indent=2)
+PY
+echo "bundled model written to $dst"
