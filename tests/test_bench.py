@@ -23,7 +23,6 @@ def test_every_implementation_and_batch_is_measured(result):
                     "seconds", "decode_seconds"):
             assert r[key] > 0, (r["impl"], key)
         assert r["peak_memory_bytes"] >= 0 and r["roofline_fraction"] is None  # no bandwidth probe on the CPU
-        assert r["decode_seconds"] <= r["seconds"]
     assert {(x["batch"], x["against"]) for x in result["ratios"]} == {
         (b, other) for b in (1, 2) for other in ("reference", "ar")}
     assert all(x["decode"] > 0 and x["end_to_end"] > 0 for x in result["ratios"])
