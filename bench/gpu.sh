@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The 26b-a4b benchmark on one CUDA GPU (sized for an H100: 47 GiB of bf16 weights, shared with the reference):
 # random weights, bf16, 16 fixed steps, batch 1 and 4, ours against transformers' reference and against
-# autoregressive decoding, ending with one table. Every step runs under `timeout`; the whole script stays under
+# autoregressive decoding; then int4 (group 64) and int8 quantized from the same weights at batch 1; one table each. Every step runs under `timeout`; the whole script stays under
 # 8 minutes. It installs nothing, except dgemma from wheels in $WHEELS when the active Python lacks it.
 #
 #   OUT=DIR bash bench/gpu.sh    # table, JSON, PNG and logs go to $OUT (default: a new temporary folder)
@@ -24,11 +24,11 @@ fi
 
 timeout 15 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
-# Time limits: 50 (wheels) + 15 + 330 + 60 (fallback) = 455 s at most.
+# Time limits: 50 (wheels) + 15 + 270 + 60 (fallback) + 80 (quantized) = 475 s at most.
 COMMON=(--shape 26b-a4b --device cuda --dtype bfloat16 --batch 1 4 --prompt-len 64 --steps 16)
 
 # Ours, transformers' reference on the same weight tensors, and autoregressive decoding (the bulk of the budget).
-timeout 330 "$PYTHON" -m dgemma bench "${COMMON[@]}" --compare reference ar --repeat 2 --warmup 1 \
+timeout 270 "$PYTHON" -m dgemma bench "${COMMON[@]}" --compare reference ar --repeat 2 --warmup 1 \
     --json-out "$OUT/bench-26b.json" --png "$OUT/bench-26b.png" > "$OUT/table.txt" 2> "$OUT/bench.log"
 status=$?
 if [ $status -ne 0 ]; then
@@ -41,6 +41,13 @@ if [ $status -ne 0 ]; then
     status=$?
 fi
 
+# Quantized formats (int4 is made from the bf16 copy, int8 in its place, so the peak is bf16 + int4: ~61 GiB).
+timeout 80 "$PYTHON" -m dgemma bench --shape 26b-a4b --device cuda --dtype bfloat16 --batch 1 --prompt-len 64 \
+    --steps 16 --quant int4 int8 --repeat 1 --warmup 1 --json-out "$OUT/bench-26b-quant.json" \
+    > "$OUT/table-quant.txt" 2> "$OUT/bench-quant.log" || echo "gpu.sh: the quantized run stopped (exit $?)" >&2
+
 echo "==== summary (files in $OUT) ===="
 cat "$OUT/table.txt"
+echo "==== quantized ===="
+cat "$OUT/table-quant.txt"
 exit $status

@@ -27,6 +27,7 @@ every canvas ran exactly that many steps.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -45,8 +46,11 @@ from .engine.ar import ar_generate
 from .engine.cache import KVCache
 from .engine.generate import pad_prompts
 from .model.diffusion_gemma import DiffusionGemma
+from .quant.formats import INT4_GROUP_SIZES
+from .quant.modules import is_quantized, quantize_model
 
-IMPLS = ("ours", "reference", "ar")
+QUANT_KINDS = ("int8", "int4")
+IMPLS = ("ours", "reference", "ar") + QUANT_KINDS
 DEFAULT_FIXED_STEPS = 16
 _COPY_BYTES = 1 << 30  # the bandwidth probe's tensor size
 # A small vision tower for the reference's config (it builds a ~170M-parameter one otherwise); no image is used.
@@ -71,6 +75,8 @@ class BenchOptions:
     compare: tuple[str, ...] = ()  # "reference" and/or "ar"
     reference_experts: str | None = None  # transformers' experts_implementation; None = its default
     force: bool = False
+    quant: tuple[str, ...] = ()  # also run these weight-only formats ("int8", "int4"), quantized from the same weights
+    group_size: int = 64  # int4 group size for `quant`
 
     def __post_init__(self):
         if self.model is None and self.shape not in PRESET_NAMES:
@@ -88,6 +94,11 @@ class BenchOptions:
         unknown = set(self.compare) - {"reference", "ar"}
         if unknown:
             raise ValueError(f"unknown comparison {min(unknown)!r}; choose reference or ar")
+        unknown = set(self.quant) - set(QUANT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown quantized format {min(unknown)!r}; choose {' or '.join(QUANT_KINDS)}")
+        if self.quant and self.device == "meta":
+            raise ValueError("--quant needs real weights; `dgemma info` reports a quantized checkpoint's bytes")
 
 
 # ---- the network ------------------------------------------------------------------------------------------------
@@ -111,13 +122,22 @@ def random_network(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, s
     return net.eval().requires_grad_(False)
 
 
+def quantized(net: DiffusionGemma, kind: str, group_size: int | None, in_place: bool) -> DiffusionGemma:
+    """`net` with its weights in `kind`; unless `in_place`, a copy that shares every float tensor with `net` (only
+    the quantized weights are new), so the float model stays usable."""
+    if not in_place:
+        net = copy.deepcopy(net, memo={id(t): t for t in [*net.parameters(), *net.buffers()]})
+    return quantize_model(net, kind, group_size)
+
+
 def weight_bytes(net: DiffusionGemma, tokens: int, decoder: bool = True) -> int:
     """Bytes of weights one forward over `tokens` tokens reads: every dense weight once, the experts in the share
-    that uniform top-k routing is expected to touch (1 - (1 - k/E)^tokens). The encoder skips self-conditioning."""
+    that uniform top-k routing is expected to touch (1 - (1 - k/E)^tokens). The encoder skips self-conditioning.
+    Quantized weights count their codes, scales and offsets."""
     cfg = net.config
     hit = 1.0 - (1.0 - cfg.top_k_experts / cfg.num_experts) ** tokens
     total = 0.0
-    for name, p in net.named_parameters():
+    for name, p in net.state_dict().items():
         size = p.numel() * p.element_size()
         if name.startswith("self_conditioning.") and not decoder:
             continue
@@ -375,6 +395,8 @@ def _load(opts: BenchOptions) -> tuple[Model, str]:
                              "--device meta to see the weight bytes per step, or pass --force")
         model = Model(random_network(cfg, device, dtype, opts.seed), GenerationSettings())
         label = opts.shape
+    if is_quantized(model.net) and (opts.quant or "reference" in opts.compare):
+        raise ValueError(f"{label} is already quantized: --quant and --compare reference need float weights")
     # EOS off: every row generates every requested token, so all implementations do the same work.
     net = model.net
     net.config = dataclasses.replace(net.config, eos_token_ids=())
@@ -418,22 +440,37 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
               stability_threshold=settings.stability_threshold,
               confidence_threshold=float(settings.confidence_threshold))
     gen = torch.Generator().manual_seed(opts.seed)
+    prompts = {b: torch.randint(3, cfg.vocab_size, (b, opts.prompt_len), generator=gen).tolist()
+               for b in opts.batches}
     for batch in opts.batches:
-        prompts = torch.randint(3, cfg.vocab_size, (batch, opts.prompt_len), generator=gen).tolist()
         for impl in ["ours"] + [name for name in ("reference", "ar") if name in opts.compare]:
-            runs = _measure(impl, model, ref, prompts, kw, new_tokens, opts, log)
-            if impl != "ar" and not opts.adaptive:
-                counts = [s for r in runs for s in r.steps_per_canvas + [n for row in r.row_steps for n in row]]
-                wrong = [s for s in counts if s != settings.max_denoising_steps]
-                if wrong:
-                    raise RuntimeError(f"{impl}: fixed-step mode ran {wrong[0]} steps on a canvas, "
-                                       f"not {settings.max_denoising_steps}")
-            summary = _summary(impl, batch, new_tokens, runs, net, result["bandwidth_bytes_per_s"])
-            result["runs"].append(summary)
-            log(f"{impl} batch {batch}: {summary['decode_tokens_per_s']:.1f} decode tok/s, "
-                f"{summary['end_to_end_tokens_per_s']:.1f} end-to-end tok/s, {summary['ms_per_step']:.1f} ms/step")
+            _record(result, impl, model, ref, prompts[batch], kw, new_tokens, opts, settings, log)
+    del ref
+    for i, kind in enumerate(opts.quant):
+        log(f"quantizing the weights to {kind}")
+        qnet = quantized(net, kind, opts.group_size if kind == "int4" else None, in_place=i == len(opts.quant) - 1)
+        qmodel = Model(qnet, model.settings, None, model.path)
+        for batch in opts.batches:
+            _record(result, kind, qmodel, None, prompts[batch], kw, new_tokens, opts, settings, log)
+        del qnet, qmodel
     result["ratios"] = _ratios(result["runs"])
     return result
+
+
+def _record(result: dict, impl: str, model: Model, ref, prompts: list[list[int]], kw: dict, new_tokens: int,
+            opts: BenchOptions, settings: GenerationSettings, log: Callable[[str], None]) -> None:
+    """Measure one implementation at one batch size, check fixed-step runs, and append its summary to `result`."""
+    runs = _measure(impl, model, ref, prompts, kw, new_tokens, opts, log)
+    if impl != "ar" and not opts.adaptive:
+        counts = [s for r in runs for s in r.steps_per_canvas + [n for row in r.row_steps for n in row]]
+        wrong = [s for s in counts if s != settings.max_denoising_steps]
+        if wrong:
+            raise RuntimeError(f"{impl}: fixed-step mode ran {wrong[0]} steps on a canvas, "
+                               f"not {settings.max_denoising_steps}")
+    summary = _summary(impl, len(prompts), new_tokens, runs, model.net, result["bandwidth_bytes_per_s"])
+    result["runs"].append(summary)
+    log(f"{impl} batch {len(prompts)}: {summary['decode_tokens_per_s']:.1f} decode tok/s, "
+        f"{summary['end_to_end_tokens_per_s']:.1f} end-to-end tok/s, {summary['ms_per_step']:.1f} ms/step")
 
 
 def _measure(impl: str, model: Model, ref, prompts: list[list[int]], kw: dict, new_tokens: int, opts: BenchOptions,
@@ -442,7 +479,7 @@ def _measure(impl: str, model: Model, ref, prompts: list[list[int]], kw: dict, n
     warm_kw = {**kw, "max_denoising_steps": min(2, kw["max_denoising_steps"])}
 
     def once(warm: bool, prefill: float = 0.0) -> Run:
-        if impl == "ours":
+        if impl not in ("reference", "ar"):  # ours, in its loaded or a quantized format
             return _run_ours(model, prompts, warm_kw if warm else kw, opts.seed)
         if impl == "reference":
             return _run_reference(ref, prompts, warm_kw if warm else kw, opts.seed, model.device)
@@ -466,11 +503,9 @@ def _summary(impl: str, batch: int, new_tokens: int, runs: list[Run], net: Diffu
     decode = statistics.median(r.decode_seconds for r in runs)
     step = statistics.median(r.step_seconds for r in runs)
     seconds = statistics.median(r.seconds for r in runs)
-    roofline = None
-    if bandwidth:
-        per_step = weight_bytes(net, batch, decoder=False) if impl == "ar" \
-            else weight_bytes(net, batch * net.config.canvas_length)
-        roofline = per_step / step / bandwidth
+    per_step = weight_bytes(net, batch, decoder=False) if impl == "ar" \
+        else weight_bytes(net, batch * net.config.canvas_length)
+    roofline = per_step / step / bandwidth if bandwidth else None
     peaks = [r.peak_bytes for r in runs if r.peak_bytes is not None]
     return {
         "impl": impl, "batch": batch, "new_tokens": tokens,
@@ -478,23 +513,24 @@ def _summary(impl: str, batch: int, new_tokens: int, runs: list[Run], net: Diffu
         "ms_per_step": 1e3 * step, "tokens_per_forward": statistics.median(r.tokens_per_forward for r in runs),
         "steps_per_canvas": _median_run(runs).steps_per_canvas, "seconds": seconds, "decode_seconds": decode,
         "peak_memory_bytes": max(peaks) if peaks else None, "roofline_fraction": roofline,
+        "step_weight_bytes": per_step,
         "repeats": [dataclasses.asdict(r) for r in runs],
     }
 
 
 def _ratios(runs: list[dict]) -> list[dict]:
+    """Ours against the reference and autoregressive decoding; each quantized format against ours unquantized."""
     by_key = {(r["impl"], r["batch"]): r for r in runs}
+    pairs = [("ours", "reference"), ("ours", "ar")] + [(kind, "ours") for kind in QUANT_KINDS]
     out = []
-    for (impl, batch), ours in by_key.items():
-        if impl != "ours":
-            continue
-        for other in ("reference", "ar"):
-            theirs = by_key.get((other, batch))
-            if theirs is not None:
-                out.append({"batch": batch, "against": other,
-                            "decode": ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"],
-                            "end_to_end": ours["end_to_end_tokens_per_s"] / theirs["end_to_end_tokens_per_s"]})
-    return out
+    for impl, against in pairs:
+        for (name, batch), mine in by_key.items():
+            theirs = by_key.get((against, batch))
+            if name == impl and theirs is not None:
+                out.append({"batch": batch, "impl": impl, "against": against,
+                            "decode": mine["decode_tokens_per_s"] / theirs["decode_tokens_per_s"],
+                            "end_to_end": mine["end_to_end_tokens_per_s"] / theirs["end_to_end_tokens_per_s"]})
+    return sorted(out, key=lambda x: x["batch"])
 
 
 # ---- output -----------------------------------------------------------------------------------------------------
@@ -536,7 +572,7 @@ def format_table(result: dict) -> str:
     lines.append("peak MiB: " + ("CUDA max allocated, weights included" if result["device"].startswith("cuda")
                                  else "growth of the resident set during the run"))
     for ratio in result["ratios"]:
-        lines.append(f"batch {ratio['batch']}: ours / {ratio['against']} = {ratio['decode']:.2f}x decode, "
+        lines.append(f"batch {ratio['batch']}: {ratio['impl']} / {ratio['against']} = {ratio['decode']:.2f}x decode, "
                      f"{ratio['end_to_end']:.2f}x end to end")
     ours = {r["batch"]: r for r in result["runs"] if r["impl"] == "ours"}
     if 1 in ours and len(ours) > 1:
@@ -598,6 +634,10 @@ def add_arguments(p) -> None:
                    help="also run transformers' implementation and/or autoregressive decoding")
     p.add_argument("--reference-experts", choices=["eager", "grouped_mm", "batched_mm"], default=None,
                    help="transformers' experts_implementation for --compare reference (default: its own)")
+    p.add_argument("--quant", action="extend", nargs="+", choices=list(QUANT_KINDS), default=[],
+                   help="also run these weight-only formats, quantized in memory from the same weights")
+    p.add_argument("--group-size", type=int, choices=list(INT4_GROUP_SIZES), default=64,
+                   help="int4 group size for --quant (default: 64)")
     p.add_argument("--json-out", default=None, help="write the results as JSON to this path")
     p.add_argument("--png", default=None, help="write a bar chart to this path")
     p.add_argument("--force", action="store_true", help="run 26b-a4b on the CPU anyway")
@@ -608,7 +648,8 @@ def cmd_bench(args) -> int:
         shape=args.shape or "small", model=args.model, batches=tuple(args.batch), prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, steps=args.steps, adaptive=args.adaptive, device=args.device, dtype=args.dtype,
         repeat=args.repeat, warmup=args.warmup, seed=args.seed, compare=tuple(dict.fromkeys(args.compare)),
-        reference_experts=args.reference_experts, force=args.force,
+        reference_experts=args.reference_experts, force=args.force, quant=tuple(dict.fromkeys(args.quant)),
+        group_size=args.group_size,
     )
     result = run_bench(opts, log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     print(format_table(result))

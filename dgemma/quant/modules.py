@@ -187,6 +187,11 @@ class QuantEmbedding(_Quantized, nn.Module):
         return kernels.embedding(ids, self.qtensor("weight"), self.compute_dtype)
 
 
+def is_quantized(net: nn.Module) -> bool:
+    """Whether any weight of `net` is stored quantized."""
+    return any(isinstance(m, _Quantized) for m in net.modules())
+
+
 def _parent(net: nn.Module, dotted: str) -> tuple[nn.Module, str]:
     *path, leaf = dotted.split(".")
     module = net
