@@ -80,12 +80,9 @@ def apply(net: DiffusionGemma, cfg: LoRAConfig, seed: int = 0) -> list[str]:
     return names
 
 
-def adapter_state(net: DiffusionGemma) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous() for k, v in net.state_dict().items() if ".lora_" in k}
-
-
-def save_adapters(net: DiffusionGemma, cfg: LoRAConfig, directory: Path) -> None:
-    save_file(adapter_state(net), str(directory / "adapter_model.safetensors"))
+def save_adapters(adapters: dict[str, torch.Tensor], cfg: LoRAConfig, directory: Path) -> None:
+    """Write `adapters` (a state dict's ".lora_" tensors) and `cfg` into `directory`."""
+    save_file(adapters, str(directory / "adapter_model.safetensors"))
     (directory / "adapter_config.json").write_text(json.dumps({**asdict(cfg), "targets": list(cfg.targets)}))
 
 

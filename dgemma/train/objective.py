@@ -39,6 +39,9 @@ class Batch:
     valid: torch.Tensor
     blocks: int
 
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.ids.to(device), self.supervise.to(device), self.valid.to(device), self.blocks)
+
 
 def corrupt(block: torch.Tensor, t: torch.Tensor, vocab: int, rows: list[torch.Generator]) -> torch.Tensor:
     """Replace each token of block [B, C] by a uniform random id with probability t [B]; row i draws from rows[i]."""
@@ -79,13 +82,16 @@ class _RouterRecorder:
 
 
 def losses(net: DiffusionGemma, batch: Batch, opts: ObjectiveOptions, rows: list[torch.Generator],
-           normaliser: dict[str, float] | None = None, balance_scale: float = 1.0) -> dict[str, torch.Tensor]:
+           normaliser: dict[str, float] | None = None, balance_scale: float = 1.0,
+           uniform_passes: bool = False) -> dict[str, torch.Tensor]:
     """Loss terms for one batch. Returns {"loss", "diffusion", "ar"[, "balance"]}; "loss" is the weighted sum.
     rows[i] is row i's own random stream (noise rate, corruption, self-conditioning coin), so a row trains the
     same whichever batch or process it lands in.
     Token losses are sums divided by `normaliser` counts ({"diffusion": n, "ar": n}) when given (so micro-batches
     and data-parallel ranks share one global mean), else by this batch's own counts; the balance term (a mean per
-    batch) enters "loss" times `balance_scale` (1 / number of micro-batches summed)."""
+    batch) enters "loss" times `balance_scale` (1 / number of micro-batches summed).
+    `uniform_passes` runs the first self-conditioning pass even when no row of this batch uses it (its signal is then
+    zeroed, which changes no number), so that every process makes the same calls (sharded training)."""
     cfg = net.config
     c, b = cfg.canvas_length, batch.ids.shape[0]
     t_len = batch.ids.shape[1]
@@ -120,7 +126,7 @@ def losses(net: DiffusionGemma, batch: Batch, opts: ObjectiveOptions, rows: list
             noisy = corrupt(clean, t, cfg.vocab_size, rows)
             use_sc = _uniform(rows, clean.device) < opts.self_conditioning
             sc_logits = None
-            if bool(use_sc.any()):
+            if bool(use_sc.any()) or (uniform_passes and opts.self_conditioning > 0):
                 with torch.no_grad():
                     sc_logits = net.decode(noisy, caches[j])
             logits = net.decode(noisy, caches[j], sc_logits, use_sc if sc_logits is not None else None)

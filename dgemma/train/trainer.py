@@ -2,16 +2,18 @@
 
 Owns: the TOML/YAML config (validated: unknown keys are errors) with `--set key=value` overrides; building or
 loading the model and tokenizer (training a BPE tokenizer for from-scratch models); AdamW with linear warmup and
-cosine decay, gradient accumulation, clipping and optional bf16 autocast; data parallelism across processes started
-by torchrun (each rank takes its rows of the global batch and gradients are summed, so the loss equals one
-process's); periodic held-out loss; a progress bar; atomic checkpoints (a new directory per save plus an atomically
-replaced `latest` pointer) that `--resume` continues exactly; and a loss-curve PNG.
+cosine decay, gradient accumulation, clipping and optional bf16 autocast; the training device (a CUDA GPU per rank
+when there is one); data parallelism across processes started by torchrun (each rank takes its rows of the global
+batch and gradients are summed, so the loss equals one process's), either with whole replicas and one flat
+all-reduce ("ddp") or with FSDP2 sharding ("fsdp": every layer's parameters, gradients and optimizer state split
+across ranks); periodic held-out loss; a progress bar; atomic checkpoints (a new directory per save plus an
+atomically replaced `latest` pointer, optimizer state keyed by parameter name) that `--resume` continues exactly;
+and a loss-curve PNG.
 Must not: define the loss (objective.py) or the data order (data.py).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -26,6 +28,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 
 from .. import checkpoint
 from ..config import GenerationSettings, preset
@@ -85,6 +89,8 @@ class TrainSection:
     log_every: int = 10  # a log line every N steps when stderr is not a terminal
     freeze_router: bool = False
     threads: int = 0  # torch CPU threads (0 = default)
+    device: str = "auto"  # "auto": this rank's CUDA GPU when there is one, else "cpu"; or "cpu" / "cuda"
+    parallel: str = "ddp"  # with several processes: "ddp" (whole replicas) or "fsdp" (FSDP2 sharding)
 
 
 @dataclass
@@ -126,6 +132,10 @@ class TrainConfig:
                 raise ValueError(f"train.{key} must be >= 1")
         if not 0 <= t.min_prefix <= t.max_prefix:
             raise ValueError("train.min_prefix must be between 0 and train.max_prefix")
+        if t.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {t.device!r}")
+        if t.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"train.parallel must be 'ddp' or 'fsdp', got {t.parallel!r}")
         if self.data.kind not in ("text", "chat"):
             raise ValueError(f"data.kind must be 'text' or 'chat', got {self.data.kind!r}")
         if not self.data.train:
@@ -171,12 +181,40 @@ def read_config(path: str | os.PathLike, overrides: list[str] = ()) -> TrainConf
 
 
 # ---- distribution ----------------------------------------------------------------------------------------------
-def _world() -> tuple[int, int]:
+def _device(setting: str) -> torch.device:
+    """The training device: with "auto" (or "cuda"), GPU LOCAL_RANK when CUDA is available."""
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is 'cuda' but no CUDA GPU is available")
+    if setting == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _world(device: torch.device) -> tuple[int, int]:
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _shard(net: DiffusionGemma) -> None:
+    """FSDP2: each layer one unit (it runs in the encoder and the decoder passes), the rest one root unit. Gradients
+    are summed, not averaged (the loss is already a global mean), and parameters a rank did not use this step (an
+    unsampled self-conditioning path) are reduced as zeros, so every rank runs the same collectives."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    for layer in net.layers:
+        fully_shard(layer)
+    fully_shard(net)
+    for method in ("encode", "decode", "head"):  # the objective calls these, never forward()
+        register_fsdp_forward_method(net, method)
+    for module in [*net.layers, net]:
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied sum)
+    net.set_reduce_scatter_unused_params(True)
 
 
 def _rows(global_rows: int, rank: int, world: int) -> range:
@@ -190,8 +228,9 @@ def _rows(global_rows: int, rank: int, world: int) -> range:
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, log=print):
         self.cfg, self.log = cfg, log
-        self.rank, self.world = _world()
         t = cfg.train
+        self.device = _device(t.device)
+        self.rank, self.world = _world(self.device)
         if t.threads:
             torch.set_num_threads(t.threads)
         self.out = Path(t.out)
@@ -205,6 +244,10 @@ class Trainer:
                 raise ValueError(f"--resume: no checkpoint under {self.out}")
             state = self._load_state(latest)
         self.tokenizer, self.net = self._build(state)
+        self.net.to(self.device)
+        self.sharded = t.parallel == "fsdp" and self.world > 1
+        if self.sharded:
+            _shard(self.net)
         c = self.net.config.canvas_length
         width = t.max_prefix + t.blocks * c
         if c < 1 or width > self.net.config.max_position_embeddings:
@@ -286,19 +329,18 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------------------------
     def _autocast(self):
-        return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
-                              enabled=self.cfg.train.bf16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16)
 
     def step(self, step: int) -> dict[str, float]:
         t, seed = self.cfg.train, self.cfg.train.seed
         rows = _rows(t.batch_size, self.rank, self.world)
-        batches = [self.train_data.batch(self.shape, seed, step, m, rows) for m in range(t.grad_accum)]
+        batches = [self.train_data.batch(self.shape, seed, step, m, rows).to(self.device) for m in range(t.grad_accum)]
         counts = {"diffusion": 0.0, "ar": 0.0}
         for b in batches:
             for k, v in token_counts(b, self.shape.canvas_length).items():
                 counts[k] += v
         if self.world > 1:
-            totals = torch.tensor([counts["diffusion"], counts["ar"]], dtype=torch.float64)
+            totals = torch.tensor([counts["diffusion"], counts["ar"]], dtype=torch.float64, device=self.device)
             dist.all_reduce(totals)
             counts = {"diffusion": float(totals[0]), "ar": float(totals[1])}
         for group in self.opt.param_groups:
@@ -308,17 +350,19 @@ class Trainer:
             gens = [torch.Generator().manual_seed(stream_seed(seed, step, m, r, 1)) for r in rows]
             with self._autocast():
                 out = losses(self.net, b, self.cfg.objective, gens, normaliser=counts,
-                             balance_scale=1.0 / (t.grad_accum * self.world))
+                             balance_scale=1.0 / (t.grad_accum * self.world), uniform_passes=self.sharded)
             out["loss"].backward()
             for k in logged:
                 logged[k] += float(out[k].detach())
-        if self.world > 1:  # one flat all-reduce; a parameter unused on some rank contributes zeros there
+        if self.world > 1 and not self.sharded:  # one flat all-reduce; a parameter unused on a rank contributes zeros
             params = [p for p in self.net.parameters() if p.requires_grad]
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
             dist.all_reduce(flat)
             for p, g in zip(params, flat.split([p.numel() for p in params])):
                 p.grad = g.view_as(p).clone()
-            sums = torch.tensor([logged["loss"], logged["diffusion"], logged["ar"]], dtype=torch.float64)
+        if self.world > 1:
+            sums = torch.tensor([logged["loss"], logged["diffusion"], logged["ar"]], dtype=torch.float64,
+                                device=self.device)
             dist.all_reduce(sums)
             logged = dict(zip(("loss", "diffusion", "ar"), sums.tolist()))
         if t.clip > 0:
@@ -335,7 +379,7 @@ class Trainer:
         total = 0.0
         self.net.eval()
         for i in range(t.eval_batches):
-            b = self.eval_data.batch(self.shape, 1_234_567, i, 0, rows)
+            b = self.eval_data.batch(self.shape, 1_234_567, i, 0, rows).to(self.device)
             with self._autocast():
                 gens = [torch.Generator().manual_seed(stream_seed(i, r)) for r in rows]
                 total += float(losses(self.net, b, self.cfg.objective, gens)["loss"])
@@ -388,8 +432,28 @@ class Trainer:
         path = self.out / pointer.read_text().strip()
         return path if path.is_dir() else None
 
+    def _full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(model weights, optimizer tensors as "PARAM_NAME.KEY"), whole and on the CPU. Gathering shards is
+        collective: every rank calls this; under FSDP only rank 0 receives the tensors."""
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(self.net, options=opts)
+        optim = get_optimizer_state_dict(self.net, self.opt, options=opts)
+        tensors = {f"{name}.{k}": v for name, entry in optim.get("state", {}).items() for k, v in entry.items()
+                   if isinstance(v, torch.Tensor)}
+        return weights, tensors
+
+    def _plain_net(self, weights: dict[str, torch.Tensor]) -> DiffusionGemma:
+        """A CPU, undistributed network holding `weights`; a LoRA run's adapters merged into their bases."""
+        with torch.device("meta"):
+            net = DiffusionGemma(self.net.config)
+            if self.cfg.lora.rank > 0:
+                lora.apply(net, self.cfg.lora)
+        net.load_state_dict(weights, assign=True)
+        return lora.merge(net) if self.cfg.lora.rank > 0 else net
+
     def save(self, step: int) -> Path | None:
         """Write out/step-NNNNNN atomically, then point out/latest at it; keep the newest `keep`."""
+        weights, state = self._full_state()
         if self.rank != 0:
             if self.world > 1:
                 dist.barrier()
@@ -398,19 +462,18 @@ class Trainer:
         name = f"step-{step:06d}"
         target = self.out / name
         use_lora = self.cfg.lora.rank > 0
-        state = {f"{pid}.{k}": v for pid, s in self.opt.state_dict()["state"].items()
-                 for k, v in s.items() if isinstance(v, torch.Tensor)}
         meta = {"step": step, "config": self.cfg.to_dict(), "history": self.history}
 
         def write_state(tmp: Path) -> None:
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "trainer_state.safetensors"))
             (tmp / "trainer_state.json").write_text(json.dumps(meta))
             if use_lora:
-                lora.save_adapters(self.net, self.cfg.lora, tmp)
+                adapters = {k: v.contiguous() for k, v in weights.items() if ".lora_" in k}
+                lora.save_adapters(adapters, self.cfg.lora, tmp)
 
         # A LoRA run saves a standard checkpoint with the adapters merged, plus the adapters on their own.
-        net = lora.merge(copy.deepcopy(self.net)) if use_lora else self.net
-        checkpoint.save(net, GenerationSettings(), target, tokenizer=self.tokenizer, extra=write_state)
+        checkpoint.save(self._plain_net(weights), GenerationSettings(), target, tokenizer=self.tokenizer,
+                        extra=write_state)
         pointer_tmp = self.out / ".latest.tmp"
         pointer_tmp.write_text(name)
         os.replace(pointer_tmp, self.out / "latest")
@@ -429,15 +492,14 @@ class Trainer:
         return {"path": path, "tensors": load_file(str(path / "trainer_state.safetensors"))}
 
     def _restore_optimizer(self, state: dict) -> None:
-        opt_state = self.opt.state_dict()
-        ids = [i for g in opt_state["param_groups"] for i in g["params"]]
-        restored = {}
-        for i in ids:
-            entry = {k.split(".", 1)[1]: v for k, v in state["tensors"].items() if k.split(".", 1)[0] == str(i)}
-            if entry:
-                restored[i] = entry
-        opt_state["state"] = restored
-        self.opt.load_state_dict(opt_state)
+        """Load the saved optimizer tensors ("PARAM_NAME.KEY"), sharding them as the parameters are."""
+        saved: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in state["tensors"].items():
+            name, _, field_name = key.rpartition(".")
+            saved.setdefault(name, {})[field_name] = value
+        opts = StateDictOptions(full_state_dict=True)
+        groups = get_optimizer_state_dict(self.net, self.opt, options=opts)["param_groups"]
+        set_optimizer_state_dict(self.net, self.opt, {"state": saved, "param_groups": groups}, options=opts)
 
     def _plot(self) -> None:
         try:
