@@ -108,6 +108,16 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     assert resumed.history["eval_loss"] == straight.history["eval_loss"]
 
 
+def test_bf16_autocast_trains_in_bfloat16(tmp_path):
+    cfg = write_config(tmp_path, train={"steps": 8, "save_every": 8, "eval_every": 8})
+    full = run(cfg, f"train.out={json.dumps(str(tmp_path / 'f32'))}").history["loss"]
+    half = run(cfg, f"train.out={json.dumps(str(tmp_path / 'bf16'))}", "train.bf16=true").history["loss"]
+    assert half != full  # the matmuls really ran in bfloat16 ...
+    assert half == pytest.approx(full, rel=0.05)  # ... and train the same model
+    assert sum(half[-3:]) < sum(half[:3])
+    assert dgemma.load(tmp_path / "bf16" / "step-000008").net.dtype == torch.float32  # weights stay float32
+
+
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     cfg = write_config(tmp_path)
     calls = {"n": 0}
