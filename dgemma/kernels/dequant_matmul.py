@@ -5,7 +5,8 @@ The fused path never builds the whole float weight: it dequantizes a tile of out
 scale per output channel skip the weight-side multiply and scale the tile's output instead. The reference path
 dequantizes the whole weight, then calls the plain PyTorch op; tests check that both agree on CPU. `FUSED` switches
 between them. Activations keep their dtype (float32 or bfloat16); weights are decoded into that dtype.
-This is plain PyTorch, so it also runs on a GPU; there is no Triton kernel here.
+This is plain PyTorch and runs anywhere; on a GPU, `linear` with a 2-D int8 or int4 weight goes to the Triton kernel
+in `triton_dequant` when Triton is installed (fp8 weights, `matmul` and `embedding` stay here).
 Must not: know modules, checkpoints or which weights are quantized.
 """
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.formats import QTensor, dequantize
+from . import triton_dequant
 
 FUSED = True
 TILE_ELEMENTS = 1 << 18
@@ -41,6 +43,8 @@ def linear(x: torch.Tensor, q: QTensor) -> torch.Tensor:
     """x [..., K] @ W[N, K]^T -> [..., N], dequantizing W one tile of output channels at a time."""
     if not FUSED:
         return linear_reference(x, q)
+    if x.is_cuda and q.kind in triton_dequant.KINDS and q.codes.dim() == 2 and triton_dequant.available(x):
+        return triton_dequant.linear(x, q)
     n, k = q.shape
     step = _tile_rows(q)
     flat = x.reshape(-1, k)  # [M, K]
