@@ -4,7 +4,8 @@ Owns the canvas loop and its bookkeeping: left padding of a batch of prompts, pe
 settled is frozen while the others go on), EOS handling (tokens after the first EOS become pad and the row ends),
 the max_new_tokens cut (never more tokens returned than asked), tokens per forward, steps per canvas, the per-step
 callback, and a starting canvas (-1 = noise) with pinned positions (first canvas only). Random numbers are drawn in the
-reference's order: per canvas one uniform canvas, then per step a multinomial sample and the renoise ids.
+reference's order: per canvas one uniform canvas, then per step a multinomial sample and the renoise ids. A step
+waits for the device once, for the stop check.
 Must not: know tensor layouts inside the network, tokenizers or files.
 """
 
@@ -111,6 +112,7 @@ def generate(
         active = ~finished
         canvas_passes = torch.zeros(b, dtype=torch.long, device=device)
         sc_logits = None
+        any_done = False  # host copy of done.any(), read with the stop check so a step syncs only once
         for step_number, remaining in enumerate(range(n_steps, 0, -1), start=1):
             canvas_passes += ~(done | finished)
             logits = net.decode(current, cache, sc_logits)
@@ -119,7 +121,7 @@ def generate(
                 t_max=settings.t_max, generator=generator, pinned=hold, pinned_ids=canvas if hold is not None else None,
             )
             new_argmax, new_current, new_logits = step.argmax, step.canvas, step.logits
-            if done.any():  # settled rows keep their canvas, draft and logits
+            if any_done:  # settled rows keep their canvas, draft and logits
                 new_argmax = torch.where(done[:, None], argmax, new_argmax)
                 new_current = torch.where(done[:, None], current, new_current)
                 new_logits = torch.where(done[:, None, None], sc_logits, new_logits)
@@ -128,7 +130,8 @@ def generate(
             sc_logits = new_logits.to(net.dtype)
             if on_step is not None:
                 on_step(StepEvent(index, step_number, argmax, step.accepted, done))
-            if bool(done.all()):
+            all_done, any_done = torch.stack([done.all(), done.any()]).tolist()  # the step's one host sync
+            if all_done:
                 break
         passes += canvas_passes
         for row in range(b):

@@ -181,7 +181,8 @@ class Experts(nn.Module):
         slot_major = torch.arange(n * k, device=x.device).view(n, k).t().reshape(-1)  # pairs by (slot, token)
         order = slot_major[torch.argsort(flat[slot_major], stable=True)]
         token = order // k  # [N*k] token of each sorted pair
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.long, device=x.device)  # [E]
+        counts.index_add_(0, flat, torch.ones_like(flat))  # bincount, without its device-to-host sync on GPUs
         ys = self._mlp(x[token], counts) * weights.reshape(-1)[order, None]
         out = torch.zeros_like(x)
         return out.index_add_(0, token, ys.to(x.dtype))
