@@ -1,4 +1,4 @@
-"""The Triton dequantize-matmul kernel == dequantize-then-matmul, run on CPU by the Triton interpreter."""
+"""The Triton dequantize-matmul kernels == dequantize-then-matmul, run on CPU by the Triton interpreter."""
 
 import os
 
@@ -9,8 +9,11 @@ import torch
 
 pytest.importorskip("triton")
 
+from dgemma.config import preset
 from dgemma.kernels import dequant_matmul, triton_dequant
+from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.quant.formats import QTensor, quantize
+from dgemma.quant.modules import QuantExperts, quantize_model
 
 # Error allowed relative to the largest output. The interpreter turns float32 into bfloat16 by truncation, off by up
 # to one step (2^-7 relative) where a GPU and PyTorch round to nearest; it does so for the weights and for y.
@@ -27,11 +30,15 @@ def _randn(*shape, seed):
 
 
 def _check(x, q):
-    y, ref = triton_dequant.linear(x, q), dequant_matmul.linear_reference(x, q)
-    assert y.shape == ref.shape and y.dtype == x.dtype
+    _close(triton_dequant.linear(x, q), dequant_matmul.linear_reference(x, q), x.dtype)
+
+
+def _close(y, ref, dtype, products=1):
+    """y == ref within TOLERANCE of ref's largest value per chain of `products` kernel products."""
+    assert y.shape == ref.shape and y.dtype == dtype
     scale = ref.float().abs().max()
     err = (y.float() - ref.float()).abs().max() / scale
-    assert err <= TOLERANCE[x.dtype], f"max error {err:.2e} of the output scale {scale:.3g}"
+    assert err <= products * TOLERANCE[dtype], f"max error {err:.2e} of the output scale {scale:.3g}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -58,4 +65,53 @@ def test_refuses_fp8_and_stacked_weights():
         triton_dequant.linear(_randn(1, 64, seed=4), quantize(w, "int4", 32))
     with pytest.raises(ValueError, match="2-D int8 or int4"):
         triton_dequant.linear(_randn(1, 64, seed=4), QTensor("fp8", w[0].to(torch.float8_e4m3fn), torch.ones(16, 1)))
+    with pytest.raises(ValueError, match="3-D int8 or int4"):
+        triton_dequant.grouped_linear(_randn(1, 64, seed=4), torch.ones(1), quantize(w[0], "int8"))
     assert triton_dequant.available(torch.zeros(1))  # the interpreter counts, CPU tensors and all
+
+
+# Rows per expert: empty experts, one expert with every row, uneven counts (17 rows: two tiles of 16), counts that
+# fill the launch's bound on m-tiles exactly (every non-empty count is 1 past a multiple of 16), and 64-row tiles.
+COUNTS = [[0, 5, 1, 0, 17, 3], [0, 0, 37], [17, 1, 0, 1, 1], [70, 0]]
+
+
+def _grouped_reference(xs, counts, q):
+    """Expert by expert: rows [start, start + counts[e]) of xs times W[e]^T."""
+    outs, start = [], 0
+    for expert, count in enumerate(counts):
+        outs.append(dequant_matmul.linear_reference(xs[start:start + count], q.map(lambda t, e=expert: t[e])))
+        start += count
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("counts", COUNTS, ids=str)
+@pytest.mark.parametrize("kind, group, n, k", [w for w in WEIGHTS if w[:2] in
+                                              (("int8", None), ("int8", 32), ("int4", 32), ("int4", 88))])
+def test_grouped_matches_per_expert_reference(kind, group, n, k, counts, dtype):
+    q = quantize(_randn(len(counts), n, k, seed=n + k) * 0.02, kind, group)  # [E, N, K]
+    xs = _randn(sum(counts), k, seed=len(counts)).to(dtype)  # [P, K]
+    y = triton_dequant.grouped_linear(xs, torch.tensor(counts), q)
+    _close(y, _grouped_reference(xs, counts, q), dtype)
+
+
+def test_grouped_without_rows_and_with_wrong_counts():
+    q = quantize(_randn(3, 70, 96, seed=5), "int8")
+    assert triton_dequant.grouped_linear(_randn(0, 96, seed=6), torch.zeros(3, dtype=torch.long), q).shape == (0, 70)
+    with pytest.raises(ValueError, match="3 experts"):
+        triton_dequant.grouped_linear(_randn(4, 96, seed=6), torch.tensor([4, 0]), q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind, group", [("int8", None), ("int4", 32)])
+def test_quant_experts_grouped_path_matches_per_expert_path(kind, group, dtype, monkeypatch):
+    net = quantize_model(DiffusionGemma(preset("tiny")).init_weights(0).to(dtype), kind, group)
+    experts = net.layers[0].experts
+    assert isinstance(experts, QuantExperts)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(11, net.config.hidden_size, generator=gen).to(dtype)  # [N, H]
+    index = torch.tensor([1, 3, 6, 7])[torch.randint(0, 4, (11, 2), generator=gen)]  # [N, k]; experts 0, 2, 4, 5 idle
+    weights = torch.rand(11, 2, generator=gen).to(dtype)  # [N, k]
+    per_expert = experts(x, weights, index)  # CPU tensors: `_mlp` takes the per-expert path
+    monkeypatch.setattr(experts, "_mlp", experts._grouped_mlp)
+    _close(experts(x, weights, index), per_expert, dtype, products=2)  # gate_up's output feeds down

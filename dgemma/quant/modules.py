@@ -1,7 +1,8 @@
 """Quantized drop-in modules, swapped into a built `DiffusionGemma`; the model code never learns about them.
 
 - `QuantLinear` replaces an `nn.Linear` (attention q/k/v/o, dense and self-conditioning MLPs; the router stays float).
-- `QuantExperts` replaces `Experts`: same routing code; its `_mlp` runs each expert through the quantized kernel.
+- `QuantExperts` replaces `Experts`: same routing code; its `_mlp` runs each expert through the quantized kernel, or
+  on a GPU with Triton all experts at once (one grouped launch per product, int8/int4 weights).
 - `QuantEmbedding` replaces the tied `embed_tokens`: lookups dequantize only the rows asked for, and its `.weight`
   (used by the model as the LM head and for self-conditioning's soft embeddings) is a `QuantWeight` view.
 A quantized weight `w` lives in three buffers, `w_codes`, `w_scale` and `w_offset` (int4 only); reading the attribute
@@ -26,6 +27,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..kernels import dequant_matmul as kernels
+from ..kernels import triton_dequant
 from ..model.diffusion_gemma import DiffusionGemma
 from ..model.layers import Experts
 from .formats import QTensor, dequantize, quantize
@@ -147,7 +149,8 @@ class QuantLinear(_Quantized, nn.Module):
 
 class QuantExperts(_Quantized, Experts):
     """`Experts` whose gate_up_proj [E, 2I, H] and down_proj [E, H, I] may each be quantized or float. Routing is
-    inherited; the per-expert products run expert by expert through the quantized kernel."""
+    inherited; the per-expert products run expert by expert through the quantized kernel, or, on a GPU with Triton
+    and both weights int8/int4, every expert in one grouped Triton launch per product (`_grouped_mlp`)."""
 
     def __init__(self, gate_up: QTensor | torch.Tensor, down: QTensor | torch.Tensor, compute_dtype: torch.dtype):
         nn.Module.__init__(self)
@@ -165,6 +168,9 @@ class QuantExperts(_Quantized, Experts):
 
     def _mlp(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs [P, H] grouped by expert with counts [E] -> [P, H]."""
+        if xs.is_cuda and triton_dequant.available(xs) and \
+                all(self._kinds.get(name) in triton_dequant.KINDS for name in ("gate_up_proj", "down_proj")):
+            return self._grouped_mlp(xs, counts)
         outs, start = [], 0
         for expert, count in enumerate(counts.tolist()):
             if count:
@@ -172,6 +178,12 @@ class QuantExperts(_Quantized, Experts):
                 outs.append(self._product(F.gelu(gate, approximate="tanh") * up, "down_proj", expert))
                 start += count
         return torch.cat(outs)
+
+    def _grouped_mlp(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """`_mlp` with one grouped Triton launch per product; both weights int8/int4, needs `available(xs)`."""
+        hidden = triton_dequant.grouped_linear(xs, counts, self.qtensor("gate_up_proj"))  # [P, 2I]
+        gate, up = hidden.chunk(2, dim=-1)  # [P, I] each
+        return triton_dequant.grouped_linear(F.gelu(gate, approximate="tanh") * up, counts, self.qtensor("down_proj"))
 
 
 class QuantEmbedding(_Quantized, nn.Module):
