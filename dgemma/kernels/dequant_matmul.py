@@ -1,8 +1,8 @@
 """Matrix products with quantized weights (`dgemma.quant.formats.QTensor`), fused and reference.
 
-The fused path never builds the whole float weight: it dequantizes a tile of output channels (about
-`TILE_ELEMENTS` weights, small enough to stay in cache) and multiplies it at once, tile after tile; weights with one
-scale per output channel skip the weight-side multiply and scale the tile's output instead. The reference path
+The fused path never builds the whole float weight: it dequantizes a tile of output channels (about `TILE_ELEMENTS`
+weights, small enough to stay in a CPU cache; on a GPU `GPU_TILE_ELEMENTS`, for few launches) and multiplies it at
+once, tile after tile; weights with one scale per output channel skip the weight-side multiply and scale the tile's output instead. The reference path
 dequantizes the whole weight, then calls the plain PyTorch op; tests check that both agree on CPU. `FUSED` switches
 between them. Activations keep their dtype (float32 or bfloat16); weights are decoded into that dtype.
 This is plain PyTorch and runs anywhere; on a GPU, `linear` with a 2-D int8 or int4 weight goes to the Triton kernel
@@ -20,10 +20,12 @@ from . import triton_dequant
 
 FUSED = True
 TILE_ELEMENTS = 1 << 18
+GPU_TILE_ELEMENTS = 1 << 26
 
 
 def _tile_rows(q: QTensor) -> int:
-    return max(1, TILE_ELEMENTS // q.in_features)
+    elements = GPU_TILE_ELEMENTS if q.codes.is_cuda else TILE_ELEMENTS
+    return max(1, elements // q.in_features)
 
 
 def linear_reference(x: torch.Tensor, q: QTensor) -> torch.Tensor:
