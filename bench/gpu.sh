@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The 26b-a4b benchmark on one CUDA GPU (sized for an H100: 47 GiB of bf16 weights, shared with the reference):
 # random weights, bf16, 16 fixed steps, batch 1 and 4, ours against transformers' reference and against
-# autoregressive decoding; then int4 (group 64) and int8 quantized from the same weights at batch 1; one table each. Every step runs under `timeout`; the whole script stays under
-# 8 minutes. It installs nothing, except dgemma from wheels in $WHEELS when the active Python lacks it.
+# autoregressive decoding; then int4 (group 64) and int8 quantized from the same weights at batch 1; one table each.
+# Every step runs under `timeout`; the whole script stays under 8 minutes. It installs nothing, except dgemma from wheels in $WHEELS when the active Python lacks it.
 #
 #   OUT=DIR bash bench/gpu.sh    # table, JSON, PNG and logs go to $OUT (default: a new temporary folder)
 set -uo pipefail

@@ -118,6 +118,16 @@ def test_bf16_autocast_trains_in_bfloat16(tmp_path):
     assert dgemma.load(tmp_path / "bf16" / "step-000008").net.dtype == torch.float32  # weights stay float32
 
 
+def test_resume_when_some_parameters_never_had_a_gradient(tmp_path):
+    # Without self-conditioning its MLP gets no gradient, so AdamW keeps no state for it: resuming must cope.
+    cfg = write_config(tmp_path, train={"steps": 4, "save_every": 2, "eval_every": 2},
+                       objective={"self_conditioning": 0.0})
+    straight = run(cfg)
+    shutil.rmtree(tmp_path / "run" / "step-000004")
+    (tmp_path / "run" / "latest").write_text("step-000002")
+    assert run(cfg, resume=True).history["loss"] == straight.history["loss"]
+
+
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     cfg = write_config(tmp_path)
     calls = {"n": 0}

@@ -2,9 +2,10 @@
 
 The fused path never builds the whole float weight: it dequantizes a tile of output channels (about `TILE_ELEMENTS`
 weights, small enough to stay in a CPU cache; on a GPU `GPU_TILE_ELEMENTS`, for few launches) and multiplies it at
-once, tile after tile; weights with one scale per output channel skip the weight-side multiply and scale the tile's output instead. The reference path
-dequantizes the whole weight, then calls the plain PyTorch op; tests check that both agree on CPU. `FUSED` switches
-between them. Activations keep their dtype (float32 or bfloat16); weights are decoded into that dtype.
+once, tile after tile; weights with one scale per output channel skip the weight-side multiply and scale the tile's
+output instead. The reference path dequantizes the whole weight, then calls the plain PyTorch op; tests check that both
+agree on CPU. `FUSED` switches between them. Activations keep their dtype (float32 or bfloat16); weights are decoded
+into that dtype.
 This is plain PyTorch and runs anywhere; on a GPU, `linear` with a 2-D int8 or int4 weight goes to the Triton kernel
 in `triton_dequant` when Triton is installed (fp8 weights, `matmul` and `embedding` stay here).
 Must not: know modules, checkpoints or which weights are quantized.

@@ -14,26 +14,23 @@ Grouped: the m-tiles of all experts are numbered in expert order (expert e has c
 reads all E counts and finds its expert and rows itself, so there is no host sync and no extra launch, and an empty
 expert gets no program. The grid is sized from a bound known on the host, (P + min(E, P) * (BLOCK_M - 1)) // BLOCK_M
 m-tiles; the programs past the last tile return at once.
-Triton is optional: without it `available` is False and callers keep the PyTorch path. The kernels (and their shared
-helper) are decorated on their first launch, so TRITON_INTERPRET=1 set before then runs them on CPU tensors (the tests
-do).
+Triton is optional and imported only when a kernel first runs: without it `available` is False and callers keep the
+PyTorch path. The kernels (and their shared helper) are decorated on that first launch, so TRITON_INTERPRET=1 set
+before then runs them on CPU tensors (the tests do).
 Must not: handle fp8 weights, know modules or checkpoints, or choose between itself and PyTorch.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 import torch
 
 from ..quant.formats import QTensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+triton = tl = None  # imported with the kernels' first launch, so importing dgemma never imports Triton
 
 KINDS = ("int8", "int4")
 BLOCK_N = 64
@@ -46,7 +43,7 @@ def _interpreting() -> bool:
 
 def available(x: torch.Tensor) -> bool:
     """Whether the kernels can run on `x`: Triton is installed and x is on a GPU, or the Triton interpreter is on."""
-    return triton is not None and (x.is_cuda or _interpreting())
+    return (x.is_cuda or _interpreting()) and importlib.util.find_spec("triton") is not None
 
 
 def _tile(x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, rm, rn, M, N, K, G,
@@ -55,11 +52,12 @@ def _tile(x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, rm, rn, M, N, K, G,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Writes y[rm, rn] = x[rm] @ W[rn]^T for the rows rm < M and the columns rn < N, W [N, K] decoded tile by tile."""
     w_rows = rn.to(tl.int64)[None, :]  # [1, BLOCK_N]
+    x_rows = rm.to(tl.int64)[:, None]  # [BLOCK_M, 1]; 64-bit, as M x N passes 2^31 for a large head
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K] inputs
         x_mask = (rm[:, None] < M) & (rk[None, :] < K)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=x_mask, other=0.0)  # [BM, BK]
+        x = tl.load(x_ptr + x_rows * stride_xm + rk[None, :] * stride_xk, mask=x_mask, other=0.0)  # [BM, BK]
         w_mask = (rk[:, None] < K) & (rn[None, :] < N)  # [BLOCK_K, BLOCK_N]; W is read transposed
         group = rk // G  # [BLOCK_K]
         scale_at = scale_ptr + w_rows * stride_scale + group[:, None]
@@ -83,7 +81,7 @@ def _tile(x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, rm, rn, M, N, K, G,
             w = w.to(tl.float32)
         acc = tl.dot(x, w, acc, input_precision="ieee")
     y_mask = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    tl.store(y_ptr + x_rows * stride_y + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 def _dequant_matmul_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, M, N, K, G,
@@ -124,7 +122,10 @@ def _grouped_kernel(x_ptr, counts_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, 
 def _kernels():
     """(2-D kernel, grouped kernel), decorated on the first launch. The kernels call `_tile` by its global name, so
     it is decorated first and put back under that name."""
-    global _tile
+    global _tile, triton, tl
+    import triton
+    import triton.language as tl
+
     _tile = triton.jit(_tile)
     return triton.jit(_dequant_matmul_kernel), triton.jit(_grouped_kernel)
 
@@ -153,10 +154,11 @@ def linear(x: torch.Tensor, q: QTensor) -> torch.Tensor:
     offset = None if q.offset is None else q.offset.contiguous()  # [N, K // G], int4 only
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
     block_m = 16 if m <= 16 else 64
+    kernel = _kernels()[0]
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, BLOCK_N))
-    _kernels()[0][grid](flat, codes, scale, offset, y, m, n, k, q.group_size,
-                        flat.stride(0), flat.stride(1), codes.stride(0), scale.stride(0), y.stride(0),
-                        BLOCK_M=block_m, **_flags(x, q))
+    kernel[grid](flat, codes, scale, offset, y, m, n, k, q.group_size,
+                 flat.stride(0), flat.stride(1), codes.stride(0), scale.stride(0), y.stride(0),
+                 BLOCK_M=block_m, **_flags(x, q))
     return y.view(*x.shape[:-1], n)
 
 
@@ -174,9 +176,10 @@ def grouped_linear(xs: torch.Tensor, counts: torch.Tensor, q: QTensor) -> torch.
     offset = None if q.offset is None else q.offset.contiguous()  # [E, N, K // G], int4 only
     block_m = 16 if p <= 16 * e else 64  # by the mean rows per expert
     # Each non-empty expert leaves at most BLOCK_M - 1 rows of its last tile empty.
+    kernel = _kernels()[1]
     grid = ((p + min(e, p) * (block_m - 1)) // block_m, triton.cdiv(n, BLOCK_N))
-    _kernels()[1][grid](xs, counts.contiguous(), codes, scale, offset, y, e, n, k, q.group_size,
-                        xs.stride(0), xs.stride(1), codes.stride(0), codes.stride(1), scale.stride(0),
-                        scale.stride(1), y.stride(0), BLOCK_E=triton.next_power_of_2(e), BLOCK_M=block_m,
-                        **_flags(xs, q))
+    kernel[grid](xs, counts.contiguous(), codes, scale, offset, y, e, n, k, q.group_size,
+                 xs.stride(0), xs.stride(1), codes.stride(0), codes.stride(1), scale.stride(0),
+                 scale.stride(1), y.stride(0), BLOCK_E=triton.next_power_of_2(e), BLOCK_M=block_m,
+                 **_flags(xs, q))
     return y

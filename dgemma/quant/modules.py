@@ -236,12 +236,15 @@ def quantize_model(net: DiffusionGemma, kind: str, group_size: int | None = None
     """Swap every quantizable weight of a loaded float model for its `kind` ("int8"/"int4") form, in place.
     `embedding` ("int8", "int4" or None to keep it float) sets the tied embedding's format; int8 is per row."""
     dtype = net.dtype
-    for target, param in list(net.named_parameters()):
+    for target in [name for name, _ in net.named_parameters()]:  # names only: each float weight is freed once swapped
         r = role(target)
         if r is None or (r == "embedding" and embedding is None):
             continue
         weight_kind = embedding if r == "embedding" else kind
-        _swap(net, target, quantize(param, weight_kind, weight_group(weight_kind, r, group_size)), dtype)
+        module, leaf = _parent(net, target)
+        weight = getattr(module, leaf)  # a parameter, or the float buffer of a half-swapped QuantExperts
+        _swap(net, target, quantize(weight, weight_kind, weight_group(weight_kind, r, group_size)), dtype)
+        del weight
     return net
 
 

@@ -1,8 +1,8 @@
 """Low-rank adapters (LoRA) for the attention and dense-MLP projections; the experts are left alone.
 
 Owns: swapping the targeted nn.Linear modules of a built network for `LoRALinear` (base frozen, A random, B zero so
-training starts from the base model), the adapters' state dict and files (adapter_model.safetensors +
-adapter_config.json), loading them back, and merging them into plain nn.Linear weights.
+training starts from the base model), the adapters' files (adapter_model.safetensors + adapter_config.json),
+loading them back, and merging them into plain nn.Linear weights.
 Must not: change the network's math when the adapters are zero, or touch the router and experts.
 """
 

@@ -57,17 +57,22 @@ def _uniform(rows: list[torch.Generator], device) -> torch.Tensor:
 
 
 class _RouterRecorder:
-    """Collects router logits of every MoE call while active (for the load-balancing loss)."""
+    """Collects router logits of every MoE call with gradients while active (for the load-balancing loss)."""
 
     def __init__(self, net: DiffusionGemma):
+        self.device = net.device
         self.logits: list[torch.Tensor] = []
         self.handles = [layer.router.proj.register_forward_hook(self._hook) for layer in net.layers]
 
     def _hook(self, module, inputs, output):
-        self.logits.append(output)
+        if torch.is_grad_enabled():  # the no-grad self-conditioning pass trains nothing and is left out
+            self.logits.append(output)
 
     def balance_loss(self, top_k: int) -> torch.Tensor:
-        """Mean over calls of E * sum_e (share of top-k slots routed to e) * (mean router probability of e)."""
+        """Mean over calls of E * sum_e (share of top-k slots routed to e) * (mean router probability of e); 0 when
+        nothing was recorded (a pass without gradients, e.g. the held-out loss)."""
+        if not self.logits:
+            return torch.zeros((), device=self.device)
         losses = []
         for logits in self.logits:
             probs = torch.softmax(logits.float(), dim=-1)  # [N, E]

@@ -200,15 +200,20 @@ def _world(device: torch.device) -> tuple[int, int]:
     return 0, 1
 
 
-def _shard(net: DiffusionGemma) -> None:
+def _shard(net: DiffusionGemma, device: torch.device, world: int) -> None:
     """FSDP2: each layer one unit (it runs in the encoder and the decoder passes), the rest one root unit. Gradients
     are summed, not averaged (the loss is already a global mean), and parameters a rank did not use this step (an
     unsampled self-conditioning path) are reduced as zeros, so every rank runs the same collectives."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
+    if not hasattr(FSDPModule, "set_reduce_scatter_unused_params"):
+        raise RuntimeError(f"train.parallel = 'fsdp' needs a newer PyTorch than {torch.__version__} "
+                           "(FSDPModule.set_reduce_scatter_unused_params)")
+    mesh = init_device_mesh(device.type, (world,))
     for layer in net.layers:
-        fully_shard(layer)
-    fully_shard(net)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)
     for method in ("encode", "decode", "head"):  # the objective calls these, never forward()
         register_fsdp_forward_method(net, method)
     for module in [*net.layers, net]:
@@ -244,10 +249,11 @@ class Trainer:
                 raise ValueError(f"--resume: no checkpoint under {self.out}")
             state = self._load_state(latest)
         self.tokenizer, self.net = self._build(state)
-        self.net.to(self.device)
         self.sharded = t.parallel == "fsdp" and self.world > 1
         if self.sharded:
-            _shard(self.net)
+            _shard(self.net, self.device, self.world)  # moves each unit to the device as it shards it
+        else:
+            self.net.to(self.device)
         c = self.net.config.canvas_length
         width = t.max_prefix + t.blocks * c
         if c < 1 or width > self.net.config.max_position_embeddings:
@@ -492,12 +498,18 @@ class Trainer:
         return {"path": path, "tensors": load_file(str(path / "trainer_state.safetensors"))}
 
     def _restore_optimizer(self, state: dict) -> None:
-        """Load the saved optimizer tensors ("PARAM_NAME.KEY"), sharding them as the parameters are."""
+        """Load the saved optimizer tensors ("PARAM_NAME.KEY"; older checkpoints: "INDEX.KEY", the parameter's
+        place in the optimizer), sharding them as the parameters are. Parameters that never had a gradient have no
+        saved state and start fresh, as they would have."""
         saved: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in state["tensors"].items():
             name, _, field_name = key.rpartition(".")
             saved.setdefault(name, {})[field_name] = value
-        opts = StateDictOptions(full_state_dict=True)
+        if saved and all(name.isdigit() for name in saved):
+            names = {p: n for n, p in self.net.named_parameters()}
+            order = [names[p] for g in self.opt.param_groups for p in g["params"]]
+            saved = {order[int(i)]: entry for i, entry in saved.items()}
+        opts = StateDictOptions(full_state_dict=True, strict=False)
         groups = get_optimizer_state_dict(self.net, self.opt, options=opts)["param_groups"]
         set_optimizer_state_dict(self.net, self.opt, {"state": saved, "param_groups": groups}, options=opts)
 
