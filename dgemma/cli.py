@@ -255,7 +255,11 @@ def cmd_chat(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # its own parser, so `dgemma train --help` and options before CONFIG work
+        args = argparse.Namespace(command="train", args=argv[1:])
+    else:
+        args = _parser().parse_args(argv)
     try:
         return {"run": cmd_run, "info": cmd_info, "init": cmd_init, "quantize": cmd_quantize, "train": cmd_train,
                 "eval-code": cmd_eval_code, "serve": cmd_serve, "chat": cmd_chat,

@@ -219,13 +219,16 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, capsys):
     assert len(data) == 2 and "chat.jsonl:2" in capsys.readouterr().err
 
 
-def test_cli_entry_and_override_parsing(tmp_path):
+def test_cli_entry_and_override_parsing(tmp_path, capsys):
     cfg = write_config(tmp_path, train={"steps": 2, "save_every": 2, "eval_every": 2})
     from dgemma.cli import main
 
     assert main(["train", str(cfg), "--set", "train.lr=0.001"]) == 0
     assert (tmp_path / "run" / "step-000002" / "model.safetensors").is_file()
     assert main(["train", str(cfg), "--set", "train.nope=1"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0 and "--resume" in capsys.readouterr().out
     shutil.rmtree(tmp_path / "run")
 
 
