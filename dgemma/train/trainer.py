@@ -353,6 +353,8 @@ class Trainer:
             group["lr"] = self.lr_at(step)
         logged = {"loss": 0.0, "diffusion": 0.0, "ar": 0.0}
         for m, b in enumerate(batches):
+            if self.sharded:  # reduce-scatter the gradients once, after the last micro-batch
+                self.net.set_requires_gradient_sync(m == len(batches) - 1)
             gens = [torch.Generator().manual_seed(stream_seed(seed, step, m, r, 1)) for r in rows]
             with self._autocast():
                 out = losses(self.net, b, self.cfg.objective, gens, normaliser=counts,
