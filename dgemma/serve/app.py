@@ -460,8 +460,7 @@ def create_app(model: Model, config: ServeConfig | None = None) -> FastAPI:
                 yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(_guarded(stream()), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _event_stream(stream())
 
     @app.post("/v1/completions", summary="Text completion (OpenAI format)")
     async def completions(request: Request, req: CompletionRequest):
@@ -566,8 +565,7 @@ def create_app(model: Model, config: ServeConfig | None = None) -> FastAPI:
             yield f"data: {json.dumps(result)}\n\n"
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(_guarded(stream()), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _event_stream(stream())
 
     @app.post("/v1/infill", summary="Fill one or more holes between pinned text")
     async def infill(request: Request, req: InfillRequest):
@@ -636,6 +634,12 @@ def create_app(model: Model, config: ServeConfig | None = None) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _event_stream(frames) -> StreamingResponse:
+    """An SSE response of `frames`, unbuffered, with errors raised mid-stream sent as error frames."""
+    return StreamingResponse(_guarded(frames), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def _guarded(frames):
