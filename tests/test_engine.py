@@ -52,3 +52,102 @@ def test_chunked_sampler_equals_one_chunk():
     chunked = denoise_step(raw.clone(), current, 3, 8, generator=torch.Generator().manual_seed(5), chunk_rows=7, **kw)
     for name in ("logits", "argmax", "entropy", "accepted", "accepted_canvas", "canvas"):
         assert torch.equal(getattr(whole, name), getattr(chunked, name)), name
+
+
+def _replaying_capture(calls, warm_up: bool):
+    """A stand-in for CUDA graph capture on the CPU: `replay` reruns the captured function into the same output
+    tensor, as a graph replay rewrites its static output."""
+    def capture(fn, device):
+        calls.append("capture")
+        out = fn()
+
+        def replay():
+            calls.append("replay")
+            out.copy_(fn())
+        return replay, out, fn() if warm_up else None
+    return capture
+
+
+def _settling_apart(model, prompts, kw) -> float:
+    """A confidence threshold at which the rows of `prompts` settle at different steps: midway between the rows'
+    mean entropies at step 4 (entropy falls step by step as the temperature does)."""
+    from dgemma import sampling
+
+    entropies = []
+    original = sampling.StopRule.__call__
+
+    def spy(rule, argmax, entropy):
+        entropies.append(entropy.mean(dim=-1))
+        return original(rule, argmax, entropy)
+    sampling.StopRule.__call__ = spy
+    try:
+        model.generate(prompts, **kw, confidence_threshold=1e-9)
+    finally:
+        sampling.StopRule.__call__ = original
+    return entropies[3].mean().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("warm_up", [True, False])
+def test_graph_replayed_steps_give_the_eager_tokens(dtype, warm_up, monkeypatch):
+    """The canvas decoder's buffers and hand-over (inputs copied in, the output aliased by the next replay, settled
+    rows keeping the previous step's logits) leave every token as the eager steps make it."""
+    from dgemma.api import Model
+    from dgemma.engine import graphs
+    from dgemma.model.diffusion_gemma import DiffusionGemma
+
+    model = Model(DiffusionGemma(preset("tiny")).init_weights(3).to(dtype))
+    prompts = [[5, 6, 7], [8, 9]]
+    kw = dict(max_new_tokens=model.config.canvas_length, max_denoising_steps=6, seed=4, stability_threshold=0)
+    kw["confidence_threshold"] = _settling_apart(model, prompts, kw)
+    eager = model.generate(prompts, **kw)
+    assert eager.steps[0] != eager.steps[1], "the rows should settle at different steps"
+    calls = []
+    monkeypatch.setattr(graphs, "use_graphs", lambda device: True)
+    monkeypatch.setattr(graphs.CanvasDecoder, "capture", staticmethod(_replaying_capture(calls, warm_up)))
+    replayed = model.generate(prompts, **kw)
+    assert calls.count("capture") == 2  # the first step's pass and the self-conditioned one
+    assert "replay" in calls
+    assert replayed.token_ids == eager.token_ids and replayed.steps == eager.steps
+    # A run of the same shape (other prompts of the same lengths) refills the graphs' static cache, captures nothing.
+    others = [[15, 16, 17], [18, 19]]
+    monkeypatch.setattr(graphs, "use_graphs", lambda device: False)
+    eager_others = model.generate(others, **kw)
+    monkeypatch.setattr(graphs, "use_graphs", lambda device: True)
+    calls.clear()
+    again = model.generate(others, **kw)
+    assert calls and "capture" not in calls
+    assert again.token_ids == eager_others.token_ids and again.token_ids != eager.token_ids
+    # Canvases after the first see a longer cache: each gets its own graphs (the first reuses the ones above).
+    kw["max_new_tokens"] = 3 * model.config.canvas_length
+    calls.clear()
+    monkeypatch.setattr(graphs, "use_graphs", lambda device: False)
+    eager = model.generate(prompts, **kw)
+    monkeypatch.setattr(graphs, "use_graphs", lambda device: True)
+    replayed = model.generate(prompts, **kw)
+    assert len(replayed.steps[0]) == 3 and calls.count("capture") == 4
+    # New weight storage (quantizing in place, reloading) gets new graphs: a graph reads the storage it was captured on.
+    up = model.net.layers[0].mlp.up_proj
+    up.weight = torch.nn.Parameter(up.weight.detach() * 2, requires_grad=False)
+    calls.clear()
+    model.generate(prompts, **kw)
+    assert calls.count("capture") == 6
+    assert replayed.token_ids == eager.token_ids and replayed.steps == eager.steps
+
+
+def test_failed_capture_falls_back_to_eager_steps(monkeypatch):
+    from dgemma.api import Model
+    from dgemma.engine import graphs
+    from dgemma.model.diffusion_gemma import DiffusionGemma
+
+    def broken(fn, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    model = Model(DiffusionGemma(preset("tiny")).init_weights(3))
+    eager = model.generate([[5, 6, 7]], max_denoising_steps=4, seed=1)
+    monkeypatch.setattr(graphs, "use_graphs", lambda device: True)
+    monkeypatch.setattr(graphs.CanvasDecoder, "capture", staticmethod(broken))
+    monkeypatch.setattr(graphs.CanvasDecoder, "_failed", False)
+    with pytest.warns(RuntimeWarning, match="capture of the denoising step failed"):
+        fallback = model.generate([[5, 6, 7]], max_denoising_steps=4, seed=1)
+    assert fallback.token_ids == eager.token_ids

@@ -21,6 +21,7 @@ from ..config import GenerationSettings
 from ..model.diffusion_gemma import DiffusionGemma
 from ..sampling import StopRule, denoise_step
 from .cache import KVCache
+from .graphs import CanvasDecoder
 
 
 @dataclass
@@ -101,6 +102,7 @@ def generate(
     pending, pending_valid = ids, valid
     for index in range(math.ceil(settings.max_new_tokens / c)):
         net.encode(pending, cache, pending_valid)
+        decoder = CanvasDecoder(net, cache)  # the cache stays as it is until this canvas is committed
         current = torch.randint(0, v, (b, c), generator=generator, device=device)
         hold = pinned if index == 0 else None
         if index == 0 and canvas is not None:
@@ -115,7 +117,7 @@ def generate(
         any_done = False  # host copy of done.any(), read with the stop check so a step syncs only once
         for step_number, remaining in enumerate(range(n_steps, 0, -1), start=1):
             canvas_passes += ~(done | finished)
-            logits = net.decode(current, cache, sc_logits)
+            logits = decoder(current, sc_logits)
             step = denoise_step(
                 logits, current, remaining, n_steps, entropy_bound=settings.entropy_bound, t_min=settings.t_min,
                 t_max=settings.t_max, generator=generator, pinned=hold, pinned_ids=canvas if hold is not None else None,

@@ -79,10 +79,12 @@ class DiffusionGemma(nn.Module):
         self.self_conditioning = SelfConditioning(cfg)
         self.register_buffer("encoder_layer_scalars", torch.ones(n))
         self.register_buffer("decoder_layer_scalars", torch.ones(n))
-        # One inverse-frequency table per (layer type, head dim), built in float32 and never cast.
+        # One inverse-frequency table per (layer type, head dim), built in float32 and never cast; a copy per device
+        # it has run on, so a forward copies nothing from the host (CUDA graph capture forbids it).
         self._inv_freq = {
             (t, d): rope_inv_freq(cfg.rope[t], d) for t, d in zip(cfg.layer_types, cfg.layer_head_dims)
         }
+        self._inv_freq_on: dict[torch.device, dict] = {}
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> DiffusionGemma:
@@ -114,10 +116,18 @@ class DiffusionGemma(nn.Module):
         """hidden [B, T, H] -> float32 logits [B, T, V] through the tied embedding, soft-capped."""
         logits = F.linear(hidden, self.embed_tokens.weight).float()
         cap = self.config.final_logit_softcapping
-        return torch.tanh(logits / cap) * cap if cap else logits
+        if not cap:
+            return logits
+        if torch.is_grad_enabled():
+            return torch.tanh(logits / cap) * cap
+        return logits.div_(cap).tanh_().mul_(cap)  # the same arithmetic in place: no [B, T, V] float32 temporaries
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> dict:
-        return {key: rope_cos_sin(positions, inv, dtype) for key, inv in self._inv_freq.items()}
+        device = positions.device
+        tables = self._inv_freq_on.get(device)
+        if tables is None:
+            tables = self._inv_freq_on[device] = {key: inv.to(device) for key, inv in self._inv_freq.items()}
+        return {key: rope_cos_sin(positions, inv, dtype) for key, inv in tables.items()}
 
     def _run(self, x, positions, masks, cache: KVCache, scalars: torch.Tensor, write: bool) -> torch.Tensor:
         rotary = self._rotary(positions, x.dtype)

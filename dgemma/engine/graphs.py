@@ -1,0 +1,141 @@
+"""Denoising steps through CUDA graphs: a decoder pass captured once per shape and replayed for every step.
+
+Owns `CanvasDecoder`: `net.decode` against a cache that does not change while one canvas is denoised. On a CUDA device
+each pass replays a CUDA graph (one launch instead of thousands, which is what bounds a step when the GPU waits on
+the host). Graphs are kept per network for one shape at a time, (batch, cached length, weight storage): a pass without
+self-conditioning (a canvas's first step) and one with it. They read static buffers: the canvas, the
+self-conditioning logits, and a copy of the cache's keys, values and valid mask, which each canvas refills once, so
+repeated runs of one shape (a benchmark, a server with same-length prompts) capture nothing. A new shape replaces the
+graphs (their memory, about one pass's activations each, is bounded that way). Each capture is preceded by one
+eager pass on the capture stream (lazy library set-up and Triton compilation must not happen inside a capture),
+whose result that step uses. A capture that fails leaves a warning and eager passes for the rest of the
+process. Elsewhere (the CPU, or DGEMMA_CUDA_GRAPHS=0) every step is the plain eager pass.
+Must not: sample, or change what a pass computes: a replay runs the very kernels the eager pass launches.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+from typing import Callable
+
+import torch
+
+from ..model.diffusion_gemma import DiffusionGemma
+from .cache import KVCache
+
+CUDA_GRAPHS = os.environ.get("DGEMMA_CUDA_GRAPHS", "1") != "0"
+_streams: dict[torch.device, torch.cuda.Stream] = {}  # one capture stream per device
+
+
+def use_graphs(device: torch.device) -> bool:
+    """Whether denoising steps on `device` go through CUDA graphs."""
+    return device.type == "cuda" and CUDA_GRAPHS
+
+
+def capture_cuda_graph(fn: Callable[[], torch.Tensor], device: torch.device):
+    """Capture `fn` (reading and writing only tensors that outlive the graph) -> (replay, output, first result).
+    An eager pass on the capture stream comes first (lazy library set-up, Triton compilation and cuBLAS workspaces
+    must not happen inside the capture); `first result` is its value."""
+    stream = _streams.get(device)
+    if stream is None:
+        stream = _streams[device] = torch.cuda.Stream(device)
+    current = torch.cuda.current_stream(device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        first = fn()
+    current.wait_stream(stream)
+    first.record_stream(current)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = fn()
+    return graph.replay, out, first
+
+
+class _Graphs:
+    """The graphs of one shape and the static buffers they read."""
+
+    def __init__(self, key: tuple, cache: KVCache, canvas: torch.Tensor):
+        self.key = key
+        self.cache = cache.snapshot()  # its own tensors, refilled from each canvas's cache
+        self.cache.keys = [None if k is None else k.clone() for k in cache.keys]
+        self.cache.values = [None if v is None else v.clone() for v in cache.values]
+        self.cache.valid = cache.valid.clone()
+        self.canvas = canvas.clone()
+        self.sc_logits: torch.Tensor | None = None  # made with the first self-conditioned pass
+        self.passes: dict[bool, tuple[Callable, torch.Tensor]] = {}  # with self-conditioning? -> (replay, output)
+
+    def load(self, cache: KVCache) -> None:
+        """Refill the static cache from `cache`."""
+        for static, new in zip(self.cache.keys + self.cache.values, cache.keys + cache.values):
+            if static is not None:
+                static.copy_(new)
+        self.cache.valid.copy_(cache.valid)
+
+
+def _weights(net: DiffusionGemma) -> int:
+    """A fingerprint of where and how the network's tensors are stored: quantizing or reloading the weights changes
+    it, so graphs that read the old storage are never replayed (updates in place, as training makes, keep it)."""
+    return hash(tuple((t.data_ptr(), t.dtype, t.shape) for t in [*net.parameters(), *net.buffers()]))
+
+
+_graphs: weakref.WeakKeyDictionary[DiffusionGemma, _Graphs] = weakref.WeakKeyDictionary()  # one shape per network
+
+
+class CanvasDecoder:
+    """`decoder(canvas [B, C], sc_logits [B, C, V] or None) -> logits [B, C, V]`, the same as
+    `net.decode(canvas, cache, sc_logits)`, through CUDA graphs where `use_graphs` says so. The logits of a replay
+    are the graph's own output buffer: the next pass overwrites them (the engine reads them before its next call;
+    the rows it keeps frozen only feed them back as self-conditioning, whose result it discards)."""
+
+    capture: Callable = staticmethod(capture_cuda_graph)  # (fn, device) -> (replay, output, first result)
+    _failed = False  # a capture failed once in this process: no more attempts
+
+    def __init__(self, net: DiffusionGemma, cache: KVCache):
+        self.net, self.cache = net, cache
+        self.graphs = use_graphs(net.device)
+        self._weights = _weights(net) if self.graphs else None
+        self._loaded: _Graphs | None = None  # the graphs whose static cache holds this canvas's cache
+
+    def __call__(self, canvas: torch.Tensor, sc_logits: torch.Tensor | None) -> torch.Tensor:
+        if not self.graphs or CanvasDecoder._failed:
+            return self.net.decode(canvas, self.cache, sc_logits)
+        graphs = _graphs.get(self.net)
+        key = (tuple(canvas.shape), self.cache.length, tuple(k is None for k in self.cache.keys), self._weights)
+        if graphs is None or graphs.key != key:
+            _graphs.pop(self.net, None)  # free the old shape's graphs before capturing new ones
+            graphs = _graphs[self.net] = _Graphs(key, self.cache, canvas)
+            self._loaded = graphs
+        if self._loaded is not graphs:
+            graphs.load(self.cache)
+            self._loaded = graphs
+        conditioned = sc_logits is not None
+        graphs.canvas.copy_(canvas)
+        if conditioned:
+            if graphs.sc_logits is None:
+                graphs.sc_logits = torch.empty_like(sc_logits)
+            graphs.sc_logits.copy_(sc_logits)
+        if conditioned not in graphs.passes:
+            first = self._capture(graphs, conditioned)
+            if first is not None:
+                return first
+            if CanvasDecoder._failed:
+                return self.net.decode(canvas, self.cache, sc_logits)
+        replay, out = graphs.passes[conditioned]
+        replay()
+        return out
+
+    def _capture(self, graphs: _Graphs, conditioned: bool) -> torch.Tensor | None:
+        sc = graphs.sc_logits if conditioned else None
+        try:
+            replay, out, first = self.capture(lambda: self.net.decode(graphs.canvas, graphs.cache, sc),
+                                              self.net.device)
+        except Exception as err:  # any capture failure: keep generating, eagerly
+            CanvasDecoder._failed = True
+            _graphs.pop(self.net, None)
+            warnings.warn(f"CUDA graph capture of the denoising step failed ({type(err).__name__}: {err}); "
+                          "running the steps eagerly", RuntimeWarning, stacklevel=3)
+            return None
+        graphs.passes[conditioned] = (replay, out)
+        return first
