@@ -1,53 +1,67 @@
 #!/usr/bin/env bash
-# The 26b-a4b benchmark on one CUDA GPU (sized for an H100: 47 GiB of bf16 weights, shared with the reference):
-# random weights, bf16, 16 fixed steps, batch 1 and 4, ours against transformers' reference and against
-# autoregressive decoding; then int4 (group 64) and int8 quantized from the same weights at batch 1; one table each.
-# Every step runs under `timeout`; the whole script stays under 8 minutes. It installs nothing, except dgemma from wheels in $WHEELS when the active Python lacks it.
+# The GPU checks and the 26b-a4b benchmark on one CUDA GPU (sized for an 80 GB H100: 47 GiB of bf16 weights, shared
+# with the reference). In order, each under its own `timeout`, the whole script under 8 minutes:
+#   1. tests/test_cuda.py: bf16 logits against transformers' on the same GPU, CUDA graph replays against eager passes,
+#      the grouped experts, the compiled Triton kernels and quantized networks (figures in logs.txt);
+#   2. random weights, bf16, 16 fixed steps, batch 1 and 4: ours and transformers' reference on the same weight tensors;
+#   3. int4 (group 64) and int8 quantized from the same weights, batch 1;
+#   4. batch 1 against autoregressive decoding of the same weights;
+#   5. ours at batch 8 (peak memory);
+#   6. ours at batch 1 without CUDA graphs (DGEMMA_CUDA_GRAPHS=0), to show what the graphs are worth.
+# It installs nothing, except wheels found in $WHEELS (default: .whl in this checkout) into a temporary folder when
+# the active Python lacks transformers 5.23.0.
 #
-#   OUT=DIR bash bench/gpu.sh    # table, JSON, PNG and logs go to $OUT (default: a new temporary folder)
+#   OUT=DIR bash bench/gpu.sh    # tables.txt, logs.txt, JSON and PNG go to $OUT (default: a new temporary folder)
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$(mktemp -d -t dgemma-bench.XXXXXX)}"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-python3}"
+WHEELS="${WHEELS:-$ROOT/.whl}"
+SHAPE="${SHAPE:-26b-a4b}" DEVICE="${DEVICE:-cuda}"  # SHAPE=tiny DEVICE=cpu: a dry run of the script itself
+BASE_PATH="${PYTHONPATH:-}"
 mkdir -p "$OUT"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code, the env's dependencies
+export PYTHONPATH="$ROOT${BASE_PATH:+:$BASE_PATH}"  # this checkout's code, the env's dependencies
+export PYTHONUNBUFFERED=1
 
-if ! "$PYTHON" -c "import dgemma, transformers" 2>/dev/null; then
-    if [ -n "${WHEELS:-}" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-        timeout 50 "$PYTHON" -m pip install --no-index --find-links "$WHEELS" "$WHEELS"/*.whl || exit 2
-    else
-        echo "gpu.sh: dgemma and transformers must be importable (or set WHEELS to a folder of wheels)" >&2
-        exit 2
+has_reference() { "$PYTHON" -c "import dgemma, transformers; assert transformers.__version__ == '5.23.0'" 2>/dev/null; }
+if ! has_reference; then
+    if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+        SITE="$(mktemp -d -t dgemma-site.XXXXXX)"
+        timeout 30 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl \
+            || exit 2
+        export PYTHONPATH="$ROOT:$SITE${BASE_PATH:+:$BASE_PATH}"  # the wheels before the env's own packages
     fi
+    has_reference || { echo "gpu.sh: dgemma and transformers==5.23.0 must be importable (or put wheels in WHEELS)" >&2
+                       exit 2; }
 fi
 
 timeout 15 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+LOG="$OUT/logs.txt"
 
-# Time limits: 50 (wheels) + 15 + 270 + 60 (fallback) + 80 (quantized) = 475 s at most.
-COMMON=(--shape 26b-a4b --device cuda --dtype bfloat16 --batch 1 4 --prompt-len 64 --steps 16)
+# Time limits: 30 (wheels) + 70 + 80 + 70 + 110 + 45 + 40 = 445 s at most.
+timeout 70 "$PYTHON" -m pytest "$ROOT/tests/test_cuda.py" -q -s -p no:cacheprovider >> "$LOG" 2>&1
+tests=$?
+echo "==== GPU tests (exit $tests) ===="
+grep -E "max rel err|cosine|passed|failed|skipped|Error" "$LOG" | tail -n 25
 
-# Ours, transformers' reference on the same weight tensors, and autoregressive decoding (the bulk of the budget).
-timeout 270 "$PYTHON" -m dgemma bench "${COMMON[@]}" --compare reference ar --repeat 2 --warmup 1 \
-    --json-out "$OUT/bench-26b.json" --png "$OUT/bench-26b.png" > "$OUT/table.txt" 2> "$OUT/bench.log"
+# bench NAME SECONDS ARGS...: one `dgemma bench` run; its table is printed and appended to tables.txt.
+bench() {
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" "$PYTHON" -m dgemma bench --shape "$SHAPE" --device "$DEVICE" --dtype bfloat16 --prompt-len 64 \
+        "$@" --json-out "$OUT/bench-$name.json" > "$OUT/table-$name.txt" 2>> "$LOG"
+    local code=$?
+    { echo "==== $name (exit $code) ===="; cat "$OUT/table-$name.txt"; } | tee -a "$OUT/tables.txt"
+    rm -f "$OUT/table-$name.txt"
+    return $code
+}
+bench reference 80 --steps 16 --batch 1 4 --compare reference --repeat 2 --warmup 1 --png "$OUT/bench.png"
 status=$?
-if [ $status -ne 0 ]; then
-    echo "gpu.sh: the full comparison stopped (exit $status); its finished rows are in $OUT/bench.log:" >&2
-    grep "tok/s" "$OUT/bench.log" >&2
-    tail -n 5 "$OUT/bench.log" >&2
-    # Ours alone still gives a table.
-    timeout 60 "$PYTHON" -m dgemma bench "${COMMON[@]}" --repeat 1 --warmup 1 \
-        --json-out "$OUT/bench-26b-ours.json" > "$OUT/table.txt" 2> "$OUT/bench-ours.log"
-    status=$?
-fi
-
-# Quantized formats (int4 is made from the bf16 copy, int8 in its place, so the peak is bf16 + int4: ~61 GiB).
-timeout 80 "$PYTHON" -m dgemma bench --shape 26b-a4b --device cuda --dtype bfloat16 --batch 1 --prompt-len 64 \
-    --steps 16 --quant int4 int8 --repeat 1 --warmup 1 --json-out "$OUT/bench-26b-quant.json" \
-    > "$OUT/table-quant.txt" 2> "$OUT/bench-quant.log" || echo "gpu.sh: the quantized run stopped (exit $?)" >&2
-
-echo "==== summary (files in $OUT) ===="
-cat "$OUT/table.txt"
-echo "==== quantized ===="
-cat "$OUT/table-quant.txt"
-exit $status
+# int4 is made from the bf16 copy and int8 in its place, so the peak is bf16 + int4: ~61 GiB.
+bench quant 70 --steps 16 --batch 1 --quant int4 int8 --repeat 1 --warmup 1
+bench ar 110 --steps 16 --batch 1 --compare ar --repeat 1 --warmup 1
+bench batch8 45 --steps 16 --batch 8 --repeat 1 --warmup 1
+DGEMMA_CUDA_GRAPHS=0 bench eager 40 --steps 16 --batch 1 --repeat 1 --warmup 1
+exit $(( status || tests ))
