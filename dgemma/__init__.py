@@ -7,6 +7,8 @@
 from .api import Model, TextResult, load
 from .config import GenerationSettings, ModelConfig
 from .engine.generate import GenerationResult, StepEvent
+from .engine.prefix import PrefixCache
 
-__all__ = ["load", "Model", "TextResult", "ModelConfig", "GenerationSettings", "GenerationResult", "StepEvent"]
+__all__ = ["load", "Model", "TextResult", "ModelConfig", "GenerationSettings", "GenerationResult", "StepEvent",
+           "PrefixCache"]
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ from . import checkpoint, quant
 from .config import GenerationSettings, ModelConfig
 from .engine.cache import KVCache
 from .engine.generate import GenerationResult, StepEvent, generate, pad_prompts, prompt_rows
+from .engine.prefix import PrefixCache
 from .model.diffusion_gemma import DiffusionGemma
 from .tokenizer import Tokenizer
 
@@ -91,10 +92,12 @@ class Model:
     # ---- generation --------------------------------------------------------------------------------------------
     def generate(self, prompt_ids, *, max_new_tokens=None, max_denoising_steps=None, entropy_bound=None,
                  t_min=None, t_max=None, stability_threshold=None, confidence_threshold=None, seed=None,
-                 canvas=None, pinned=None, on_step: Callable[[StepEvent], None] | None = None) -> GenerationResult:
+                 canvas=None, pinned=None, on_step: Callable[[StepEvent], None] | None = None,
+                 prefix_cache: PrefixCache | None = None) -> GenerationResult:
         """Generate new tokens after each prompt. Settings left None take the checkpoint's defaults.
         `canvas` ([C] or [B, C] ids; -1 = start from noise) starts the first canvas; `pinned` (same shape, bool)
-        holds those positions of `canvas` fixed at every step. `on_step` gets a StepEvent after each step."""
+        holds those positions of `canvas` fixed at every step. `on_step` gets a StepEvent after each step.
+        `prefix_cache` (one prompt at a time): reuse the encoder cache of a stored prompt that this one extends."""
         settings = self.settings.replace(
             max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound,
             t_min=t_min, t_max=t_max, stability_threshold=stability_threshold,
@@ -112,7 +115,7 @@ class Model:
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(seed))
         return generate(self.net, ids, valid, settings, generator=generator, canvas=canvas_t, pinned=pinned_t,
-                        on_step=on_step)
+                        on_step=on_step, prefix_cache=prefix_cache)
 
     @torch.no_grad()
     def canvas_logits(self, prompt_ids, canvas_ids, self_conditioning_logits=None) -> torch.Tensor:

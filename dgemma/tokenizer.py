@@ -21,8 +21,11 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 # Special tokens of the byte-level tokenizer, at the ids the model config expects (pad 0, eos 1, bos 2).
 BYTE_SPECIALS = ("<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>")
+# The assistant's turns are the model's, as in Gemma's own template: a conversation renders its earlier answers the
+# way its generation prompt begins them, so each turn's prompt extends the previous one token for token.
 BYTE_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|turn>{{ m['role'] }}\n{{ m['content'] }}<turn|>\n{% endfor %}"
+    "{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] }}<turn|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
 )
 

@@ -120,6 +120,21 @@ def test_chat_and_max_tokens_exact(client, model):
     assert out.usage.completion_tokens == n and (n == 37) == (out.choices[0].finish_reason == "length")
 
 
+def test_next_chat_turn_encodes_only_the_new_turn(client, model, server):
+    """The second turn's prompt extends the first's: its answer is what a whole encode gives, and the server's
+    prefix cache counts the reuse."""
+    first = [{"role": "user", "content": "name a prime"}]
+    reply = client.chat.completions.create(model=NAME, messages=first, max_tokens=20, seed=2).choices[0].message
+    before = httpx.get(server.url + "/health").json()
+    second = first + [{"role": "assistant", "content": reply.content}, {"role": "user", "content": "another one"}]
+    out = client.chat.completions.create(model=NAME, messages=second, max_tokens=20, seed=3)
+    after = httpx.get(server.url + "/health").json()
+    assert out.choices[0].message.content == model.chat(second, max_new_tokens=20, seed=3).text[0]
+    assert after["prefix_hits"] == before["prefix_hits"] + 1
+    assert after["prefix_reused_tokens"] - before["prefix_reused_tokens"] == \
+        len(model.tokenizer.encode_chat(first, thinking=False))
+
+
 def test_streaming_chat_and_completion(client, model):
     messages = [{"role": "user", "content": "stream please"}]
     whole = client.chat.completions.create(model=NAME, messages=messages, max_tokens=70, seed=5)

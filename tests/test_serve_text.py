@@ -112,3 +112,27 @@ def test_dgemma_chat_command(tmp_path, monkeypatch, capsys):
     assert main(["chat", "--model", str(path), "--max-new-tokens", "8", "--steps", "1", "--seed", "0"]) == 0
     out = capsys.readouterr().out
     assert out.count("you> ") == 2 and out.count("model> ") == 1
+
+
+def test_terminal_chat_second_turn_reuses_the_first(tmp_path, monkeypatch):
+    """Turn two's prompt extends turn one's: only the new tokens are encoded, and the answer is unchanged."""
+    from test_serve import tiny_checkpoint
+
+    from dgemma.serve import chat as chat_module
+
+    caches = []
+
+    class Recorded(chat_module.PrefixCache):
+        def __init__(self, capacity):
+            super().__init__(capacity)
+            caches.append(self)
+    monkeypatch.setattr(chat_module, "PrefixCache", Recorded)
+    model = tiny_checkpoint(tmp_path / "tiny")
+    kw = dict(max_new_tokens=24, max_denoising_steps=2, seed=1)
+    out = io.StringIO()
+    assert chat(model, io.StringIO("hello\nagain\n"), out, **kw) == 0
+    first = [{"role": "user", "content": "hello"}]
+    answer = model.chat(first, **kw).text[0]
+    second = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "again"}]
+    assert out.getvalue().endswith(f"model> {model.chat(second, **kw).text[0]}\nyou> \n")
+    assert caches[0].hits == 1 and caches[0].reused_tokens == len(model.tokenizer.encode_chat(first))

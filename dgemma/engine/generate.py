@@ -1,6 +1,6 @@
 """Block-autoregressive generation: encode the prompt, denoise a canvas, commit it through the encoder, repeat.
 
-Owns the canvas loop and its bookkeeping: left padding of a batch of prompts, per-row stopping (a row whose canvas
+Owns the canvas loop and its bookkeeping: left padding of a batch of prompts, reuse of a stored prompt prefix, per-row stopping (a row whose canvas
 settled is frozen while the others go on), EOS handling (tokens after the first EOS become pad and the row ends),
 the max_new_tokens cut (never more tokens returned than asked), tokens per forward, steps per canvas, the per-step
 callback, and a starting canvas (-1 = noise) with pinned positions (first canvas only). Random numbers are drawn in the
@@ -22,6 +22,7 @@ from ..model.diffusion_gemma import DiffusionGemma
 from ..sampling import StopRule, denoise_step
 from .cache import KVCache
 from .graphs import CanvasDecoder
+from .prefix import PrefixCache
 
 
 @dataclass
@@ -87,8 +88,10 @@ def generate(
     canvas: torch.Tensor | None = None,
     pinned: torch.Tensor | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
+    prefix_cache: PrefixCache | None = None,
 ) -> GenerationResult:
-    """ids/valid [B, T] (left padded); canvas/pinned [B, C] or None. See the module docstring."""
+    """ids/valid [B, T] (left padded); canvas/pinned [B, C] or None. See the module docstring. With `prefix_cache`,
+    a one-row prompt that extends a stored prompt encodes only its new tokens, and the prompt's cache is stored."""
     cfg = net.config
     b, c, v = ids.shape[0], cfg.canvas_length, cfg.vocab_size
     device = ids.device
@@ -100,8 +103,14 @@ def generate(
     steps: list[list[int]] = [[] for _ in range(b)]
     canvases: list[torch.Tensor] = []
     pending, pending_valid = ids, valid
+    prompt = ids[0].tolist() if prefix_cache is not None and b == 1 else None
+    if prompt is not None and (hit := prefix_cache.match(prompt)) is not None:
+        cache, reused = hit
+        pending, pending_valid = ids[:, reused:], valid[:, reused:]
     for index in range(math.ceil(settings.max_new_tokens / c)):
         net.encode(pending, cache, pending_valid)
+        if index == 0 and prompt is not None:
+            prefix_cache.store(prompt, cache)
         decoder = CanvasDecoder(net, cache)  # the cache stays as it is until this canvas is committed
         current = torch.randint(0, v, (b, c), generator=generator, device=device)
         hold = pinned if index == 0 else None

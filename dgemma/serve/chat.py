@@ -13,6 +13,7 @@ from typing import TextIO
 
 from ..api import Model
 from ..engine.generate import StepEvent
+from ..engine.prefix import PrefixCache
 from .text import Choice, channel_ids
 
 SAVE, RESTORE_AND_CLEAR, DIM, PLAIN = "\x1b7", "\x1b8\x1b[J", "\x1b[2m", "\x1b[0m"
@@ -54,6 +55,7 @@ def chat(model: Model, stdin: TextIO, stdout: TextIO, *, thinking: bool = False,
     live = stdout.isatty()
     channel = channel_ids(tok)
     history: list[dict] = []
+    prefix = PrefixCache(capacity=2)  # each turn's prompt extends the last one: only the new turn is encoded
     stdout.write("dgemma chat: /reset forgets the conversation, /exit or Ctrl-D ends it\n")
     while True:
         stdout.write("you> ")
@@ -74,7 +76,8 @@ def chat(model: Model, stdin: TextIO, stdout: TextIO, *, thinking: bool = False,
         history.append({"role": "user", "content": line})
         stdout.write("model> ")
         view = _DraftView(model, stdout) if live else None
-        result = model.chat(history, thinking=thinking, on_step=view.step if view else None, **settings).result
+        result = model.chat(history, thinking=thinking, on_step=view.step if view else None, prefix_cache=prefix,
+                            **settings).result
         if view:
             view.clear()
         answer = Choice(tok, channel=channel)

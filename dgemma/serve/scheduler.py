@@ -6,7 +6,8 @@ gets are exactly the engine's `token_ids`: cut at the job's `max_new_tokens`, no
 per-step draft events for jobs that ask, cancellation (a batch stops at its next step once every job in it is
 cancelled or finished), and handing events to each job's asyncio loop.
 Batching rule: jobs without a seed and without a starting canvas share a batch when their diffusion settings are
-equal (a seeded job runs alone, so its output never depends on what else was queued).
+equal (a seeded job runs alone, so its output never depends on what else was queued). A one-row batch whose prompt
+extends a recent one-row prompt (the next turn of a chat) encodes only the new tokens (`PrefixCache`).
 Must not: parse HTTP, tokenize text or format responses (app.py does), or change the engine's arithmetic.
 """
 
@@ -18,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..api import Model
+from ..engine.prefix import PrefixCache
 from ..engine.generate import StepEvent
 
 
@@ -117,8 +119,8 @@ class Job:
 class _Batch:
     """Bookkeeping for one `Model.generate` call over the rows of several jobs."""
 
-    def __init__(self, model: Model, jobs: list[Job]):
-        self.model, self.jobs = model, jobs
+    def __init__(self, model: Model, jobs: list[Job], prefix: PrefixCache | None = None):
+        self.model, self.jobs, self.prefix = model, jobs, prefix
         self.spans: list[tuple[int, int]] = []  # job -> its rows [start, stop)
         for job in jobs:
             start = self.spans[-1][1] if self.spans else 0
@@ -186,7 +188,7 @@ class _Batch:
             kw.update(canvas=first.canvas, pinned=first.pinned)
         prompts = [p for job in self.jobs for p in job.prompts]
         try:
-            self.model.generate(prompts, on_step=self.on_step, **kw)
+            self.model.generate(prompts, on_step=self.on_step, prefix_cache=self.prefix, **kw)
             self.commit()
         except _Stop:
             pass
@@ -213,6 +215,7 @@ class Scheduler:
         self._closing = False
         self._running: list[Job] = []
         self.batches = 0  # engine calls made
+        self.prefix = PrefixCache()  # encoder caches of recent one-row prompts (chat turns extend them)
         self._thread = threading.Thread(target=self._work, name="dgemma-scheduler", daemon=True)
         self._thread.start()
 
@@ -275,6 +278,6 @@ class Scheduler:
                     return
                 self._running = self._take()
             if self._running:
-                _Batch(self.model, self._running).run()
+                _Batch(self.model, self._running, self.prefix).run()
                 self.batches += 1
             self._running = []
