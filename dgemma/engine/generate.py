@@ -1,9 +1,10 @@
 """Block-autoregressive generation: encode the prompt, denoise a canvas, commit it through the encoder, repeat.
 
-Owns the canvas loop and its bookkeeping: left padding of a batch of prompts, reuse of a stored prompt prefix, per-row stopping (a row whose canvas
-settled is frozen while the others go on), EOS handling (tokens after the first EOS become pad and the row ends),
-the max_new_tokens cut (never more tokens returned than asked), tokens per forward, steps per canvas, the per-step
-callback, and a starting canvas (-1 = noise) with pinned positions (first canvas only). Random numbers are drawn in the
+Owns the canvas loop and its bookkeeping: left padding of a batch of prompts, reuse of a stored prompt prefix,
+per-row stopping (a row whose canvas settled is frozen while the others go on), EOS handling (tokens after the first
+EOS become pad and the row ends), the max_new_tokens cut (never more tokens returned than asked), tokens per forward,
+steps per canvas, the per-step callback, and a starting canvas (-1 = noise) with pinned positions (first canvas
+only). Each canvas's decoder passes go through `CanvasDecoder` (CUDA graphs on a GPU). Random numbers are drawn in the
 reference's order: per canvas one uniform canvas, then per step a multinomial sample and the renoise ids. A step
 waits for the device once, for the stop check.
 Must not: know tensor layouts inside the network, tokenizers or files.
