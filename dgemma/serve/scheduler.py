@@ -19,8 +19,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..api import Model
-from ..engine.prefix import PrefixCache
 from ..engine.generate import StepEvent
+from ..engine.prefix import PrefixCache
 
 
 class QueueFull(Exception):
