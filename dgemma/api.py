@@ -61,14 +61,18 @@ class Model:
         return self.net.dtype
 
     # ---- inputs ------------------------------------------------------------------------------------------------
-    def _prompts(self, prompt_ids) -> tuple[torch.Tensor, torch.Tensor]:
-        """A 2-D tensor or a list of id lists -> left-padded ids [B, T] and valid [B, T], validated."""
+    def prompt_rows(self, prompt_ids) -> list[list[int]]:
+        """A 2-D tensor, a list of id lists or one id list -> validated id lists that leave room for a canvas."""
         rows = prompt_rows(prompt_ids, self.config.vocab_size)
         longest = max(len(r) for r in rows)
         if longest + self.config.canvas_length > self.config.max_position_embeddings:
             raise ValueError(f"prompt of {longest} tokens plus a canvas exceeds the context of "
                              f"{self.config.max_position_embeddings} positions")
-        return pad_prompts(rows, self.config.pad_token_id, self.device)
+        return rows
+
+    def _prompts(self, prompt_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """A 2-D tensor or a list of id lists -> left-padded ids [B, T] and valid [B, T], validated."""
+        return pad_prompts(self.prompt_rows(prompt_ids), self.config.pad_token_id, self.device)
 
     def _canvas_ids(self, canvas, batch: int, name: str, dtype=torch.long) -> torch.Tensor:
         """A canvas-shaped input ([C] or [B, C]) -> [B, C] on the model's device."""
@@ -103,19 +107,20 @@ class Model:
             t_min=t_min, t_max=t_max, stability_threshold=stability_threshold,
             confidence_threshold=confidence_threshold,
         )
-        ids, valid = self._prompts(prompt_ids)
-        b = ids.shape[0]
+        rows = self.prompt_rows(prompt_ids)
+        b = len(rows)
         if pinned is not None and canvas is None:
             raise ValueError("pinned needs a canvas holding the pinned ids")
         canvas_t = self._canvas_ids(canvas, b, "canvas") if canvas is not None else None
         pinned_t = self._canvas_ids(pinned, b, "pinned", torch.bool) if pinned is not None else None
         if pinned_t is not None and bool((pinned_t & (canvas_t < 0)).any()):
             raise ValueError("a pinned position holds -1 (noise); pinned positions need real token ids")
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(int(seed))
-        return generate(self.net, ids, valid, settings, generator=generator, canvas=canvas_t, pinned=pinned_t,
+        return generate(self.net, rows, settings, generator=self.generator(seed), canvas=canvas_t, pinned=pinned_t,
                         on_step=on_step, prefix_cache=prefix_cache)
+
+    def generator(self, seed: int | None) -> torch.Generator | None:
+        """A generator on the model's device seeded with `seed`; None (the global generator) without a seed."""
+        return None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
 
     @torch.no_grad()
     def canvas_logits(self, prompt_ids, canvas_ids, self_conditioning_logits=None) -> torch.Tensor:

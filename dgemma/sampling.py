@@ -1,7 +1,8 @@
 """The entropy-bound sampler for one canvas step, and the stable-and-confident stopping rule.
 
 Owns the reference's exact per-step arithmetic and its order of random draws (multinomial sample, then renoise ids),
-plus pinned positions: held to given ids at every step, never resampled or renoised, counted as zero entropy so they
+from one generator for the whole batch (the reference's way) or from one generator per row (`Generators`: each row
+then draws what it would draw alone, whatever else is in the batch), plus pinned positions: held to given ids at every step, never resampled or renoised, counted as zero entropy so they
 spend none of the entropy budget, and left out of the confidence mean.
 Must not: run the network or know about caches; it maps logits and canvases to canvases.
 """
@@ -11,6 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+# One generator for the batch (None: the global one), or a list with one per row, where None marks a row that draws
+# nothing (a row whose canvas has settled: alone, it would have stopped drawing).
+Generators = torch.Generator | list[torch.Generator | None] | None
+
+
+def random_ids(vocab: int, rows: int, length: int, generator: Generators, device) -> torch.Tensor:
+    """Uniform ids [rows, length]: one draw for the batch, or one [length] draw per row from its own generator
+    (zeros for a row whose generator is None)."""
+    if not isinstance(generator, list):
+        return torch.randint(0, vocab, (rows, length), generator=generator, device=device)
+    return torch.stack([torch.zeros(length, dtype=torch.long, device=device) if g is None else
+                        torch.randint(0, vocab, (length,), generator=g, device=device) for g in generator])
 
 
 def temperature(remaining: int, total: int, t_min: float, t_max: float) -> torch.Tensor:
@@ -55,14 +70,15 @@ def denoise_step(
     entropy_bound: float,
     t_min: float,
     t_max: float,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     pinned: torch.Tensor | None = None,
     pinned_ids: torch.Tensor | None = None,
     chunk_rows: int = 64,
 ) -> Step:
     """One sampler step. raw_logits [B, C, V] float32 from the decoder (divided by the temperature in place, so the
     decoder's buffer becomes the returned tempered logits); current [B, C] the canvas it read; remaining = n of N.
-    pinned [B, C] bool with pinned_ids [B, C] hold positions fixed. Temporaries are at most `chunk_rows` x V."""
+    pinned [B, C] bool with pinned_ids [B, C] hold positions fixed. Temporaries are at most `chunk_rows` x V.
+    `generator`: one for the batch or a list with one per row (see the module docstring)."""
     temp = temperature(remaining, total, t_min, t_max)
     logits = raw_logits.div_(temp)
     b, c, v = logits.shape
@@ -70,19 +86,28 @@ def denoise_step(
     sampled = torch.empty(b * c, dtype=torch.long, device=logits.device)
     argmax = torch.empty_like(sampled)
     entropy = torch.empty(b * c, dtype=logits.dtype, device=logits.device)
-    # Rows are independent and torch.multinomial draws row after row, so chunking changes no result.
-    for start in range(0, b * c, chunk_rows):
-        rows = flat[start:start + chunk_rows]
+    # Rows are independent and torch.multinomial draws row after row, so chunking changes no result; with one
+    # generator per canvas row, chunks stay within a row.
+    if isinstance(generator, list):  # rows without a generator sample nothing: their argmax stands in
+        chunks = [(r * c + lo, r * c + min(lo + chunk_rows, c), g) for r, g in enumerate(generator)
+                  for lo in range(0, c, chunk_rows)]
+    else:
+        chunks = [(lo, min(lo + chunk_rows, b * c), generator) for lo in range(0, b * c, chunk_rows)]
+    for start, stop, gen in chunks:
+        rows = flat[start:stop]
         probs = torch.softmax(rows, dim=-1)
-        sampled[start:start + chunk_rows] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        argmax[start:start + chunk_rows] = rows.argmax(-1)
-        entropy[start:start + chunk_rows] = token_entropy(rows)
+        argmax[start:stop] = rows.argmax(-1)
+        if isinstance(generator, list) and gen is None:
+            sampled[start:stop] = argmax[start:stop]
+        else:
+            sampled[start:stop] = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        entropy[start:stop] = token_entropy(rows)
     sampled, argmax, entropy = sampled.view(b, c), argmax.view(b, c), entropy.view(b, c)
     if pinned is not None:
         entropy = entropy.masked_fill(pinned, 0.0)
     accepted = entropy_bound_accept(entropy, entropy_bound)
     accepted_canvas = torch.where(accepted, sampled, current)
-    noise = torch.randint(0, v, (b, c), generator=generator, device=current.device)
+    noise = random_ids(v, b, c, generator, current.device)
     canvas = torch.where(~accepted, noise, accepted_canvas)
     if pinned is not None:
         accepted_canvas = torch.where(pinned, pinned_ids, accepted_canvas)

@@ -1,9 +1,12 @@
 """The encoder's key/value cache, which the decoder reads and never writes.
 
-Owns: per-layer keys and values, how many positions have been written (`length`, the same for every row of the
-batch), which of those positions are real tokens (`valid`, False for left padding), and the masks that say which
-cached positions a query may see. Sliding layers keep only the last (sliding_window - 1) positions, as the
-reference's cache does; full layers keep everything.
+Owns: per-layer keys and values, how many slots have been written (`length`, the same for every row of the batch),
+which of those slots are real tokens (`valid`, False for left padding), the rotary position of each slot, and the
+masks that say which cached slots a query may see. Sliding layers keep only the last (sliding_window - 1) slots, as
+the reference's cache does; full layers keep everything.
+Positions: a slot's position is its index, as in the reference (a left-padded prompt starts past its padding), unless
+rows were joined from caches of other lengths (`concat`) or leading slots were dropped (`select`): then `offset` [B]
+holds position - slot per row, so every row keeps the positions it was encoded with and continues from them.
 Must not: run layers or sample; it only stores tensors and builds masks.
 """
 
@@ -22,6 +25,7 @@ class KVCache:
         self.values: list[torch.Tensor | None] = [None] * cfg.num_hidden_layers
         self.length = 0
         self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # [B, length]
+        self.offset: torch.Tensor | None = None  # [B] long, position - slot per row; None = all 0
 
     def snapshot(self) -> KVCache:
         """A cache that shares today's tensors; later writes to either one do not show in the other (writes
@@ -48,6 +52,60 @@ class KVCache:
         if self.layer_types[layer] == SLIDING:
             keys, values = keys[:, :, -(self.window - 1):], values[:, :, -(self.window - 1):]
         self.keys[layer], self.values[layer] = keys, values
+
+    def positions(self, t: int, device) -> torch.Tensor:
+        """Rotary positions of the next `t` slots: [t], or [B, t] when rows have offsets."""
+        slots = torch.arange(self.length, self.length + t, device=device)
+        return slots if self.offset is None else slots[None, :] + self.offset[:, None]
+
+    def _replace(self, keep, length: int, valid: torch.Tensor, offset: torch.Tensor) -> KVCache:
+        """A cache with `keep(tensor, layer_type, kept)` applied to every layer's keys and values."""
+        out = object.__new__(KVCache)
+        out.__dict__.update(self.__dict__)
+        out.length, out.valid, out.offset = length, valid, offset
+        kept = {kind: out.kept(kind) for kind in set(self.layer_types)}
+        out.keys = [keep(k, kind, kept[kind]) for k, kind in zip(self.keys, self.layer_types)]
+        out.values = [keep(v, kind, kept[kind]) for v, kind in zip(self.values, self.layer_types)]
+        return out
+
+    def _offsets(self) -> torch.Tensor:
+        if self.offset is not None:
+            return self.offset
+        return torch.zeros(self.batch_size, dtype=torch.long, device=self.valid.device)
+
+    def pad_left(self, n: int) -> KVCache:
+        """The same rows after `n` more invalid slots on the left (their positions stay as they were)."""
+        if n == 0:
+            return self
+
+        def keep(t, kind, kept):  # t [B, Hkv, S, D] -> [B, Hkv, kept, D], zeros in the new slots
+            return None if t is None else torch.cat([t.new_zeros(*t.shape[:2], kept - t.shape[2], t.shape[3]), t], 2)
+
+        valid = torch.cat([self.valid.new_zeros(self.batch_size, n), self.valid], dim=1)
+        return self._replace(keep, self.length + n, valid, self._offsets() - n)
+
+    @staticmethod
+    def concat(first: KVCache, second: KVCache) -> KVCache:
+        """One cache holding the rows of `first` then those of `second`: the shorter is padded on the left, and
+        each row keeps its positions. Both must have been written (length > 0)."""
+        length = max(first.length, second.length)
+        a, b = first.pad_left(length - first.length), second.pad_left(length - second.length)
+        out = a.snapshot()
+        out.keys = [torch.cat([x, y]) for x, y in zip(a.keys, b.keys)]
+        out.values = [torch.cat([x, y]) for x, y in zip(a.values, b.values)]
+        out.valid = torch.cat([a.valid, b.valid])
+        out.offset = torch.cat([a._offsets(), b._offsets()])
+        return out
+
+    def select(self, rows: torch.Tensor) -> KVCache:
+        """The cache of `rows` ([R] long indices), without leading slots that are padding in every kept row."""
+        valid = self.valid[rows]
+        drop = int(valid.int().argmax(dim=1).min())  # slots before the earliest first real token
+
+        def keep(t, kind, kept):
+            return None if t is None else t[rows][:, :, t.shape[2] - kept:]
+
+        return self._replace(keep, self.length - drop, valid[:, drop:], self._offsets()[rows] + drop)
 
     def advance(self, valid_new: torch.Tensor) -> None:
         """Record that the positions [length, length + T) were written; valid_new [B, T] bool."""

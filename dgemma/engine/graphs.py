@@ -4,7 +4,7 @@ Owns `CanvasDecoder`: `net.decode` against a cache that does not change while on
 each pass replays a CUDA graph (one launch instead of thousands, which is what bounds a step when the GPU waits on
 the host). Graphs are kept per network for one shape at a time, (batch, cached length, weight storage): a pass without
 self-conditioning (a canvas's first step) and one with it. They read static buffers: the canvas, the
-self-conditioning logits, and a copy of the cache's keys, values and valid mask, which each canvas refills once, so
+self-conditioning logits, and a copy of the cache's keys, values, valid mask and row offsets, which each canvas refills once, so
 repeated runs of one shape (a benchmark, a server with same-length prompts) capture nothing. A new shape replaces the
 graphs (their memory, about one pass's activations each, is bounded that way). Each capture is preceded by one
 eager pass on the capture stream (lazy library set-up and Triton compilation must not happen inside a capture),
@@ -62,6 +62,7 @@ class _Graphs:
         self.cache.keys = [None if k is None else k.clone() for k in cache.keys]
         self.cache.values = [None if v is None else v.clone() for v in cache.values]
         self.cache.valid = cache.valid.clone()
+        self.cache.offset = None if cache.offset is None else cache.offset.clone()
         self.canvas = canvas.clone()
         self.sc_logits: torch.Tensor | None = None  # made with the first self-conditioned pass
         self.passes: dict[bool, tuple[Callable, torch.Tensor]] = {}  # with self-conditioning? -> (replay, output)
@@ -72,6 +73,8 @@ class _Graphs:
             if static is not None:
                 static.copy_(new)
         self.cache.valid.copy_(cache.valid)
+        if cache.offset is not None:
+            self.cache.offset.copy_(cache.offset)
 
 
 def _weights(net: DiffusionGemma) -> int:
@@ -102,7 +105,8 @@ class CanvasDecoder:
         if not self.graphs or CanvasDecoder._failed:
             return self.net.decode(canvas, self.cache, sc_logits)
         graphs = _graphs.get(self.net)
-        key = (tuple(canvas.shape), self.cache.length, tuple(k is None for k in self.cache.keys), self._weights)
+        key = (tuple(canvas.shape), self.cache.length, tuple(k is None for k in self.cache.keys),
+               self.cache.offset is None, self._weights)
         if graphs is None or graphs.key != key:
             _graphs.pop(self.net, None)  # free the old shape's graphs before capturing new ones
             graphs = _graphs[self.net] = _Graphs(key, self.cache, canvas)

@@ -140,11 +140,11 @@ class DiffusionGemma(nn.Module):
         return self.norm(x)
 
     def encode(self, ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal pass over new tokens ids [B, T] at positions [cache.length, cache.length + T); appends their keys
+        """Causal pass over new tokens ids [B, T] in slots [cache.length, cache.length + T); appends their keys
         and values to `cache`. valid [B, T] marks real tokens (False = padding). Returns hidden [B, T, H]."""
         if valid is None:
             valid = torch.ones_like(ids, dtype=torch.bool)
-        positions = torch.arange(cache.length, cache.length + ids.shape[1], device=ids.device)
+        positions = cache.positions(ids.shape[1], ids.device)  # [T] or [B, T]
         masks = cache.encoder_masks(valid)
         hidden = self._run(self.embed(ids), positions, masks, cache, self.encoder_layer_scalars, write=True)
         cache.advance(valid)
@@ -165,6 +165,6 @@ class DiffusionGemma(nn.Module):
             if self_conditioning_mask is not None:
                 soft = soft * self_conditioning_mask.to(soft.dtype)[:, None, None]
         x = self.self_conditioning(x, soft)
-        positions = torch.arange(cache.length, cache.length + canvas.shape[1], device=canvas.device)
+        positions = cache.positions(canvas.shape[1], canvas.device)
         masks = cache.decoder_masks(canvas.shape[1])
         return self.head(self._run(x, positions, masks, cache, self.decoder_layer_scalars, write=False))

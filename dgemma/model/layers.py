@@ -49,17 +49,17 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """positions [T] (int) -> cos, sin [T, head_dim] in `dtype` (computed in float32)."""
-    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    """positions [T] or [B, T] (int) -> cos, sin [..., T, head_dim] in `dtype` (computed in float32)."""
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, D], cos/sin [T, D] -> rotated x (rotate-half convention)."""
+    """x [B, T, H, D], cos/sin [T, D] or [B, T, D] -> rotated x (rotate-half convention)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
 
 
 class Attention(nn.Module):
@@ -142,10 +142,11 @@ EXPERTS_IMPL = "auto"
 def _grouped_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     if EXPERTS_IMPL == "loop" or not hasattr(torch, "_grouped_mm"):
         return False
-    # The kernel needs 16-byte aligned rows; on GPUs it wants bfloat16.
+    # The kernel needs 16-byte aligned rows and a 32- or 16-bit float type; on GPUs it wants bfloat16.
     aligned = all(w.shape[-1] * w.element_size() % 16 == 0 and w.shape[-2] * w.element_size() % 16 == 0
                   for w in weights)
-    return aligned and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16) if x.device.type == "cpu" else (torch.bfloat16,)
+    return aligned and x.dtype in dtypes
 
 
 class Experts(nn.Module):
