@@ -1,15 +1,17 @@
-"""The request queue between the HTTP server and the synchronous engine: batching, commits, drafts, cancellation.
+"""The request queue between the HTTP server and the synchronous engine: continuous batching, commits, drafts,
+cancellation.
 
-Owns: a bounded queue of `Job`s, one worker thread that runs `Model.generate` on batches of compatible jobs, the
-per-canvas commit of each row (a canvas is committed when the next one starts or generation returns; the ids each row
-gets are exactly the engine's `token_ids`: cut at the job's `max_new_tokens`, nothing from the first EOS on, no pad),
-per-step draft events for jobs that ask, cancellation (a batch stops at its next step once every job in it is
-cancelled or finished), and handing events to each job's asyncio loop.
-Batching rule: jobs without a seed and without a starting canvas share a batch when their diffusion settings are
-equal (a seeded job runs alone, so its output never depends on what else was queued). A one-row batch whose prompt
-extends a recent one-row prompt (the next turn of a chat) encodes only the new tokens (`PrefixCache`).
-Must not: parse HTTP, tokenize text or format responses (app.py does), or change the engine's arithmetic.
-"""
+Owns: a bounded queue of `Job`s, one worker thread that runs one `CanvasLoop` at a time (a run), the per-canvas commit
+of each row (the ids each row gets are exactly the engine's `token_ids`: cut at the job's `max_new_tokens`, nothing
+from the first EOS on, no pad), per-step draft events for jobs that ask, cancellation (a cancelled job leaves at the
+next canvas boundary; a canvas stops at its next step once every job in the run is cancelled or finished), and
+handing events to each job's asyncio loop.
+Batching rule (continuous, at canvas boundaries): waiting jobs join the running run before each canvas when their
+diffusion settings equal the run's, their rows fit `max_batch`, and each of their rows can have its own generator
+(`Job.joinable`); a job's rows leave once all of them finished, freeing their slots. A job that cannot join waits
+for the run to end. A seeded one-row job gets what it would get alone. A one-row admission whose prompt extends a
+recent one-row prompt (the next turn of a chat) encodes only the new tokens (`PrefixCache`).
+Must not: parse HTTP, tokenize text or format responses (app.py does), or change the engine's arithmetic."""
 
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
+import torch
+
 from ..api import Model
-from ..engine.generate import StepEvent
+from ..engine.generate import CanvasLoop, Row, StepEvent
 from ..engine.prefix import PrefixCache
 
 
@@ -96,8 +100,11 @@ class Job:
         return self.canvas is not None
 
     @property
-    def batchable(self) -> bool:
-        return self.seed is None and not self.raw
+    def joinable(self) -> bool:
+        """Whether the job's rows may share a run with other jobs': each row then has its own generator, which for
+        a seeded one-row job draws what `Model.generate(seed=...)` draws. A seeded job of several rows draws from
+        one generator for all of them (as Model.generate does) and a raw job pins its canvas: those run alone."""
+        return not self.raw and (self.seed is None or len(self.prompts) == 1)
 
     @property
     def cancelled(self) -> bool:
@@ -116,89 +123,92 @@ class Job:
             self.cancel()
 
 
-class _Batch:
-    """Bookkeeping for one `Model.generate` call over the rows of several jobs."""
+class _Run:
+    """One `CanvasLoop` and the jobs whose rows are in it. An open run (rows with their own generators) takes new
+    jobs at canvas boundaries; a job's rows leave together once all of them finished or the job was cancelled."""
 
-    def __init__(self, model: Model, jobs: list[Job], prefix: PrefixCache | None = None):
-        self.model, self.jobs, self.prefix = model, jobs, prefix
-        self.spans: list[tuple[int, int]] = []  # job -> its rows [start, stop)
-        for job in jobs:
-            start = self.spans[-1][1] if self.spans else 0
-            self.spans.append((start, start + len(job.prompts)))
-        rows = self.spans[-1][1]
-        self.canvas_index = 0
-        self.draft: list[list[int]] | None = None  # [B, C] latest draft of the current canvas
-        self.settled_at: list[int | None] = [None] * rows
-        self.last_step = 0
-        self.eos_seen = [False] * rows
-        self.eos = set(model.config.eos_token_ids)
-        self.pad = model.config.pad_token_id
-
-    def on_step(self, event: StepEvent) -> None:
-        if event.canvas_index != self.canvas_index:
-            self.commit()
-            self.canvas_index = event.canvas_index
-        self.draft = event.draft.tolist()
-        done = event.done.tolist()
-        self.last_step = event.step
-        for row, settled in enumerate(done):
-            if settled and self.settled_at[row] is None:
-                self.settled_at[row] = event.step
-        accepted = event.accepted.tolist() if any(j.drafts and not j.cancelled for j in self.jobs) else None
-        for job, (a, b) in zip(self.jobs, self.spans):
-            if job.drafts and not job.cancelled and not job.ended:
-                job.emit(Draft(event.canvas_index, event.step, self.draft[a:b], accepted[a:b], done[a:b]))
-        if all(job.cancelled or job.ended for job in self.jobs):
-            raise _Stop
-
-    def commit(self) -> None:
-        """Hand the current canvas's final draft to every live job; end jobs that reached their length or EOS."""
-        c = self.model.config.canvas_length
-        steps = [s if s is not None else self.last_step for s in self.settled_at]
-        for job, (a, b) in zip(self.jobs, self.spans):
-            if job.ended or job.cancelled or self.draft is None:
-                continue
-            if job.raw:
-                job.emit(Commit(self.canvas_index, self.draft[a:b], steps[a:b]))
-                job.emit(End(["length"] * (b - a)))
-                continue
-            room = max(0, job.max_new_tokens - self.canvas_index * c)
-            tokens = []
-            for row in range(a, b):
-                kept = []
-                if not self.eos_seen[row]:
-                    for t in self.draft[row][:room]:
-                        if t in self.eos:
-                            self.eos_seen[row] = True
-                            break
-                        if t != self.pad:
-                            kept.append(t)
-                tokens.append(kept)
-            job.emit(Commit(self.canvas_index, tokens, steps[a:b]))
-            if room <= c or all(self.eos_seen[a:b]):
-                job.emit(End(["stop" if self.eos_seen[row] else "length" for row in range(a, b)]))
-        self.settled_at = [None] * len(self.settled_at)
-
-    def run(self) -> None:
-        first = self.jobs[0]
+    def __init__(self, model: Model, first: Job, prefix: PrefixCache):
+        self.model, self.diffusion, self.raw = model, first.diffusion, first.raw
         d = first.diffusion
-        kw = {"max_new_tokens": max(j.max_new_tokens for j in self.jobs), "max_denoising_steps": d.max_denoising_steps,
-              "entropy_bound": d.entropy_bound, "t_min": d.t_min, "t_max": d.t_max, "seed": first.seed}
-        if first.raw:
-            kw.update(canvas=first.canvas, pinned=first.pinned)
-        prompts = [p for job in self.jobs for p in job.prompts]
+        settings = model.settings.replace(max_new_tokens=first.max_new_tokens,
+                                          max_denoising_steps=d.max_denoising_steps, entropy_bound=d.entropy_bound,
+                                          t_min=d.t_min, t_max=d.t_max)
+        self.open = first.joinable
+        self.loop = CanvasLoop(model.net, settings, generator=None if self.open else model.generator(first.seed),
+                               per_row=self.open, on_step=self._on_step, prefix_cache=prefix)
+        self.jobs: list[Job] = []
+        self._rows: dict[int, list[Row]] = {}  # id(job) -> its rows
+        self._canvas: dict[int, int] = {}  # id(job) -> canvases committed to it
+        self.add(first)
+
+    @property
+    def rows(self) -> int:
+        return sum(len(self._rows[id(j)]) for j in self.jobs)
+
+    def accepts(self, job: Job) -> bool:
+        return self.open and job.joinable and job.diffusion == self.diffusion
+
+    def add(self, job: Job) -> None:
+        n = len(job.prompts)
+        generators = None
+        if self.open:  # a seeded row draws what Model.generate(seed=...) draws for it alone
+            seeds = [job.seed] if job.seed is not None else torch.randint(0, 2**62, (n,)).tolist()
+            generators = [self.model.generator(s) for s in seeds]
+        self._rows[id(job)] = self.loop.add(job.prompts, job.max_new_tokens, generators=generators, tags=[job] * n)
+        self._canvas[id(job)] = 0
+        self.jobs.append(job)
+
+    def _on_step(self, event: StepEvent) -> None:
+        live = [j for j in self.jobs if not (j.cancelled or j.ended)]
+        if not live:
+            raise _Stop
+        watching = [j for j in live if j.drafts]
+        if watching:
+            at = {id(r): i for i, r in enumerate(self.loop.rows)}
+            draft, accepted, done = event.draft.tolist(), event.accepted.tolist(), event.done.tolist()
+            for job in watching:
+                idx = [at[id(r)] for r in self._rows[id(job)]]
+                job.emit(Draft(self._canvas[id(job)], event.step, [draft[i] for i in idx],
+                               [accepted[i] for i in idx], [done[i] for i in idx]))
+
+    def step(self) -> None:
+        """One canvas for every row: commits to each live job, End to those that are through, then they leave."""
+        canvas = pinned = None
+        if self.raw and not self.loop.canvases:
+            first = self.jobs[0]
+            canvas = self.model._canvas_ids(first.canvas, len(first.prompts), "canvas")
+            pinned = self.model._canvas_ids(first.pinned, len(first.prompts), "pinned", torch.bool)
+        stopped = True  # the canvas did not complete: every job leaves
         try:
-            self.model.generate(prompts, on_step=self.on_step, prefix_cache=self.prefix, **kw)
-            self.commit()
+            commits = {id(c.row): c for c in self.loop.step(canvas, pinned)}
+            stopped = False
         except _Stop:
             pass
-        except Exception as err:  # noqa: BLE001 - every job of the batch is told, the worker goes on
+        except Exception as err:  # noqa: BLE001 - every job of the run is told, the worker goes on
             for job in self.jobs:
                 if not job.ended:
                     job.emit(Failed(err))
-        for job, (a, b) in zip(self.jobs, self.spans):  # cancelled jobs
-            if not job.ended:
-                job.emit(End(["stop" if self.eos_seen[r] else "length" for r in range(a, b)]))
+        for job in self.jobs:
+            if job.ended or job.cancelled or stopped:
+                continue
+            rows = self._rows[id(job)]
+            got = [commits.get(id(r)) for r in rows]
+            steps = [c.steps if c else 0 for c in got]
+            if job.raw:
+                job.emit(Commit(0, [c.draft for c in got], steps))
+                job.emit(End(["length"] * len(rows)))
+                continue
+            job.emit(Commit(self._canvas[id(job)], [c.token_ids if c else [] for c in got], steps))
+            self._canvas[id(job)] += 1
+            if all(r.finished for r in rows):
+                job.emit(End([r.finish_reason for r in rows]))
+        for job in [j for j in self.jobs if j.ended or j.cancelled or stopped]:
+            if not job.ended:  # cancelled, or the run stopped
+                job.emit(End([r.finish_reason or "length" for r in self._rows[id(job)]]))
+            if not stopped:
+                self.loop.release(self._rows[id(job)])
+            self.jobs.remove(job)
+            del self._rows[id(job)], self._canvas[id(job)]
 
 
 class Scheduler:
@@ -214,7 +224,8 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closing = False
         self._running: list[Job] = []
-        self.batches = 0  # engine calls made
+        self.batches = 0  # runs completed (a run takes jobs in until it empties)
+        self.requests = 0  # jobs accepted
         self.prefix = PrefixCache()  # encoder caches of recent one-row prompts (chat turns extend them)
         self._thread = threading.Thread(target=self._work, name="dgemma-scheduler", daemon=True)
         self._thread.start()
@@ -236,6 +247,7 @@ class Scheduler:
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting requests)")
             self._queue.append(job)
+            self.requests += 1
             self._cond.notify()
 
     def close(self, timeout: float = 10.0) -> None:
@@ -247,37 +259,43 @@ class Scheduler:
             self._cond.notify()
         self._thread.join(timeout)
 
-    def _take(self) -> list[Job]:
-        """The oldest live job and, when it is batchable, later batchable jobs with equal settings that fit."""
+    def _admit(self, run: _Run | None) -> _Run | None:
+        """Start a run with the oldest live job when there is none; then move waiting jobs the run accepts into it,
+        oldest first, while their rows fit (a job that does not fit waits, and so do the jobs behind it)."""
         while self._queue and self._queue[0].cancelled:
             self._queue.popleft().emit(End([]))
-        if not self._queue:
-            return []
-        first = self._queue.popleft()
-        batch, rows = [first], len(first.prompts)
-        if first.batchable:
-            for job in list(self._queue):
-                if job.cancelled or not job.batchable or job.diffusion != first.diffusion:
-                    continue
-                if rows + len(job.prompts) > self.max_batch:
-                    break
-                self._queue.remove(job)
-                batch.append(job)
-                rows += len(job.prompts)
-        return batch
+        if run is None:
+            if not self._queue:
+                return None
+            run = _Run(self.model, self._queue.popleft(), self.prefix)
+        for job in list(self._queue):
+            if job.cancelled or not run.accepts(job):
+                continue
+            if run.rows + len(job.prompts) > self.max_batch:
+                break
+            self._queue.remove(job)
+            run.add(job)
+        return run
 
     def _work(self) -> None:
+        run: _Run | None = None
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
+                while not self._queue and run is None and not self._closing:
                     self._cond.wait(timeout=1.0)
                 if self._closing:
                     for job in self._queue:
                         job.emit(Failed(RuntimeError("the server is shutting down")))
                     self._queue.clear()
+                    if run is not None:
+                        run.step()  # every job is cancelled: they all get End and leave
                     return
-                self._running = self._take()
-            if self._running:
-                _Batch(self.model, self._running, self.prefix).run()
+                run = self._admit(run)
+                self._running = [] if run is None else list(run.jobs)
+            if run is None:
+                continue
+            run.step()
+            if not run.jobs:
                 self.batches += 1
-            self._running = []
+                run = None
+            self._running = [] if run is None else list(run.jobs)
