@@ -82,3 +82,48 @@ def test_bad_inputs_are_named(net):
         ar_generate(net, [2], 4, temperature=-1)
     with pytest.raises(ValueError, match="context"):
         ar_generate(net, [2], 5000)
+
+
+def _recording_capture(calls):
+    """A stand-in for CUDA graph capture on the CPU with its semantics: the warm-up pass runs (and writes the cache
+    once), capturing records without running, and each replay runs the pass again into the same output tensor."""
+    def capture(fn, device):
+        calls.append("capture")
+        first = fn()
+        out = torch.empty_like(first)
+
+        def replay():
+            calls.append("replay")
+            out.copy_(fn())
+        return replay, out, first
+    return capture
+
+
+def test_graph_replayed_token_steps_give_the_eager_tokens(net, monkeypatch):
+    """One capture serves every token step of a call; rows that stop early and the length cap work as eagerly."""
+    from dgemma.engine import ar, graphs
+
+    prompts = [[2, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49], [2, 300, 301]]
+    eager = ar_generate(net, prompts, 20)
+    stop = [eager.token_ids[1][5]]
+    eager_stop = ar_generate(net, prompts, 20, stop_ids=stop)
+    calls = []
+    monkeypatch.setattr(graphs, "use_graphs", lambda device: True)
+    monkeypatch.setattr(ar.TokenStep, "capture", staticmethod(_recording_capture(calls)))
+    replayed = ar_generate(net, prompts, 20)
+    assert replayed.token_ids == eager.token_ids and replayed.forwards == eager.forwards == 20
+    assert calls.count("capture") == 1 and calls.count("replay") == 18  # the prefill, the warm-up, 18 replays
+    assert ar_generate(net, prompts, 20, stop_ids=stop).token_ids == eager_stop.token_ids
+
+
+def test_failed_token_step_capture_decodes_eagerly(net, monkeypatch):
+    from dgemma.engine import ar, graphs
+
+    def broken(fn, device):
+        raise RuntimeError("capture not supported here")
+
+    expected = ar_generate(net, [2, 7, 8], 12).token_ids
+    monkeypatch.setattr(graphs, "use_graphs", lambda device: True)
+    monkeypatch.setattr(ar.TokenStep, "capture", staticmethod(broken))
+    with pytest.warns(RuntimeWarning, match="token step failed"):
+        assert ar_generate(net, [2, 7, 8], 12).token_ids == expected

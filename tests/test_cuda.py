@@ -1,5 +1,5 @@
 """GPU checks, skipped where no CUDA device exists: the bf16 network against transformers' on the same GPU, the
-engine end to end, the grouped expert matmul against the per-expert loop, the compiled Triton kernels against
+engine end to end, captured denoising and token steps against eager ones, the grouped expert matmul against the per-expert loop, the compiled Triton kernels against
 dequantize-then-matmul, and a quantized network's logits. Run them alone (`pytest tests/test_cuda.py`): the Triton
 interpreter tests set TRITON_INTERPRET=1 for the rest of their process."""
 
@@ -86,6 +86,21 @@ def test_graph_replays_match_eager_passes():
     assert not graphs.CanvasDecoder._failed and len(graphs._graphs[net].passes) == 2
     print(f"CUDA graph replays vs eager decoder passes: max rel err {worst:.2e}")
     assert worst <= 1e-2
+
+
+def test_graph_replayed_token_steps_match_eager_decoding(monkeypatch):
+    """The autoregressive baseline's captured token step: greedy tokens equal the eager steps' on the GPU."""
+    from dgemma.engine import ar
+
+    net = _realistic(preset("tiny", **ACCURACY_CFG)).to(CUDA, torch.bfloat16)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
+    captures = []
+    original = ar.TokenStep.capture
+    monkeypatch.setattr(ar.TokenStep, "capture", staticmethod(lambda fn, d: captures.append(1) or original(fn, d)))
+    replayed = ar.ar_generate(net, prompts, 24, stop_ids=[])
+    monkeypatch.setattr(graphs, "use_graphs", lambda device: False)
+    eager = ar.ar_generate(net, prompts, 24, stop_ids=[])
+    assert captures == [1] and replayed.token_ids == eager.token_ids
 
 
 def test_grouped_experts_match_the_per_expert_loop(monkeypatch):

@@ -1,8 +1,11 @@
 """Autoregressive decoding with a DiffusionGemma checkpoint: the causal encoder and the tied head as a plain LM.
 
-Owns: token-by-token decoding through `DiffusionGemma.encode` (the prompt is prefilled in one call, then one token
-per call, each call appending its keys/values to a `KVCache`), greedy or temperature sampling, per-row stopping at
-the config's EOS ids (or caller-given stop ids), the max_new_tokens cap, and the forward count.
+Owns: token-by-token decoding through `DiffusionGemma.encode` into a `StaticKVCache` sized for the prompt and the
+new tokens (the prompt is prefilled in one call, then one token per call), greedy or temperature sampling, per-row
+stopping at the config's EOS ids (or caller-given stop ids), the max_new_tokens cap, and the forward count. On a CUDA
+device the one-token pass is captured once as a CUDA graph and replayed for every token (`graphs.use_graphs`): the
+honest baseline for diffusion's speed, since an eager token step is bound by kernel launches, not by the weights it
+reads. A capture that fails leaves a warning and eager passes.
 A batch of prompts is left padded (`pad_prompts`) and the padding is masked out through `valid`; a row that has
 stopped keeps being fed (as padding) until every row is done, so rows never change each other's tokens.
 Must not: touch the decoder, the canvas sampler, tokenizers or files.
@@ -10,12 +13,14 @@ Must not: touch the decoder, the canvas sampler, tokenizers or files.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from ..model.diffusion_gemma import DiffusionGemma
-from .cache import KVCache
+from . import graphs
+from .cache import StaticKVCache
 from .generate import pad_prompts, prompt_rows
 
 
@@ -23,6 +28,44 @@ from .generate import pad_prompts, prompt_rows
 class ArResult:
     token_ids: list[list[int]]  # new ids per prompt, at most max_new_tokens, the stop id excluded
     forwards: int  # encoder passes run for the batch (the prefill included)
+
+
+class TokenStep:
+    """`step(token [B], valid [B]) -> logits [B, V]`: one encoder pass over one new token per row, appended to a
+    StaticKVCache, then the tied head at that position. Replayed from a CUDA graph where `graphs.use_graphs` says so
+    (the capture's own eager warm-up pass is the first call's result); the returned logits are then the graph's
+    output buffer, which the next call overwrites."""
+
+    capture = staticmethod(graphs.capture_cuda_graph)  # (fn, device) -> (replay, output, first result)
+
+    def __init__(self, net: DiffusionGemma, cache: StaticKVCache):
+        self.net, self.cache = net, cache
+        b = cache.valid.shape[0]
+        self.token = torch.zeros(b, 1, dtype=torch.long, device=net.device)  # [B, 1] static input
+        self.valid = torch.ones(b, 1, dtype=torch.bool, device=net.device)  # [B, 1]
+        self.graphs = graphs.use_graphs(net.device)
+        self._replay = self._out = None
+
+    def _pass(self) -> torch.Tensor:
+        hidden = self.net.encode(self.token, self.cache, self.valid)  # [B, 1, H]
+        return self.net.head(hidden)[:, 0]  # [B, V] float32
+
+    def __call__(self, token: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(token[:, None])
+        self.valid.copy_(valid[:, None])
+        if not self.graphs:
+            return self._pass()
+        if self._replay is None:
+            try:
+                self._replay, self._out, first = self.capture(self._pass, self.net.device)
+            except Exception as err:  # any capture failure: keep decoding, eagerly
+                self.graphs = False
+                warnings.warn(f"CUDA graph capture of the token step failed ({type(err).__name__}: {err}); "
+                              "decoding eagerly", RuntimeWarning, stacklevel=2)
+                return self._pass()
+            return first
+        self._replay()
+        return self._out
 
 
 @torch.no_grad()
@@ -50,28 +93,27 @@ def ar_generate(net: DiffusionGemma, prompt_ids, max_new_tokens: int, *, tempera
 
     ids, valid = pad_prompts(rows, cfg.pad_token_id, device)  # [B, T] each
     b = ids.shape[0]
-    cache = KVCache(cfg, b, device)
+    cache = StaticKVCache(cfg, b, ids.shape[1] + max_new_tokens, net.dtype, device)
+    step = TokenStep(net, cache)
+    logits = net.head(net.encode(ids, cache, valid)[:, -1])  # [B, V] float32: the prefill pass
     running = torch.ones(b, dtype=torch.bool, device=device)  # [B] rows still decoding
     out: list[list[int]] = [[] for _ in range(b)]
-    pending, pending_valid = ids, valid
-    forwards = 0
+    forwards = 1
     while True:
-        hidden = net.encode(pending, cache, pending_valid)  # [B, T, H]
-        forwards += 1
-        logits = net.head(hidden[:, -1:])[:, 0]  # [B, V] float32, only the last position
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
             token = torch.multinomial(probs, 1, generator=generator)[:, 0]  # [B]
         else:
             token = logits.argmax(dim=-1)  # [B]
-        stopped = torch.isin(token, stop) & running
-        running = running & ~stopped
-        for row in running.nonzero()[:, 0].tolist():
-            out[row].append(int(token[row]))
+        running = running & ~torch.isin(token, stop)
+        tokens, live = torch.stack([token, running.long()]).tolist()  # the token's one host sync
+        for row in range(b):
+            if live[row]:
+                out[row].append(tokens[row])
         # Every running row has gained one token per pass, so they all hold `forwards` tokens.
-        if forwards == max_new_tokens or not bool(running.any()):
+        if forwards == max_new_tokens or not any(live):
             break
         # Rows that have stopped go on as padding so the running rows keep their batch.
-        pending = torch.where(running, token, torch.full_like(token, cfg.pad_token_id))[:, None]  # [B, 1]
-        pending_valid = running[:, None]  # [B, 1]
+        logits = step(torch.where(running, token, torch.full_like(token, cfg.pad_token_id)), running)
+        forwards += 1
     return ArResult(out, forwards)

@@ -138,3 +138,59 @@ class KVCache:
             valid = torch.cat([self.valid[:, self.length - self.kept(kind):], canvas], dim=1)
             masks[kind] = valid[:, None, None, :].expand(b, 1, canvas_length, valid.shape[1])
         return masks
+
+
+class StaticKVCache:
+    """A preallocated encoder cache for token-by-token decoding: every layer keeps `capacity` slots (sliding layers
+    see only their window through the mask instead of dropping old slots), and the written length lives on the device
+    (`pos`), so one encoder pass reads and writes the same tensors whatever the step: it can be captured once as a
+    CUDA graph and replayed for every token. Same interface as KVCache for `DiffusionGemma.encode`; the keys a pass
+    attends to are the `capacity` slots (unwritten ones masked out) followed by its own new ones.
+    Must not: grow, or read the device (no host synchronisation)."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.layer_types = cfg.layer_types
+        self.window = cfg.sliding_window
+        self.capacity = capacity
+        self.keys = [torch.zeros(batch_size, cfg.layer_kv_heads[i], capacity, cfg.layer_head_dims[i], dtype=dtype,
+                                 device=device) for i in range(cfg.num_hidden_layers)]  # [B, Hkv, capacity, D]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # [B, capacity]
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # slots written so far
+        self.slots = torch.arange(capacity, device=device)  # [capacity]
+
+    def positions(self, t: int, device) -> torch.Tensor:
+        return self.pos + torch.arange(t, device=device)  # [t]
+
+    def cached(self, layer: int):
+        return self.keys[layer], self.values[layer]
+
+    def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys/values [B, Hkv, capacity + T, D] (the slots, then T new): write the new ones at slots pos.."""
+        t = keys.shape[2] - self.capacity
+        at = self.positions(t, keys.device)
+        self.keys[layer].index_copy_(2, at, keys[:, :, -t:])
+        self.values[layer].index_copy_(2, at, values[:, :, -t:])
+
+    def advance(self, valid_new: torch.Tensor) -> None:
+        """Mark T more slots written; valid_new [B, T] bool."""
+        self.valid.index_copy_(1, self.positions(valid_new.shape[1], valid_new.device), valid_new.bool())
+        self.pos.add_(valid_new.shape[1])
+
+    def encoder_masks(self, new: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Masks [B, 1, T, capacity + T] for T new causal queries: written, real slots, then the new tokens, with
+        the same visibility as KVCache.encoder_masks (sliding layers: within the window)."""
+        t = new.shape[1]
+        q = self.positions(t, new.device)  # [T] the queries' slots, which are also the new keys' slots
+        written = self.valid[:, None, :]  # [B, 1, capacity]: only written slots are ever marked valid
+        causal = (q[None, :] <= q[:, None])[None] & new.bool()[:, None, :]  # [B, T, T]
+        itself = torch.eye(t, dtype=torch.bool, device=new.device)[None]  # a query always sees itself
+        masks = {}
+        for kind in set(self.layer_types):
+            old, fresh = written.expand(-1, t, -1), causal
+            if kind == SLIDING:
+                old = old & (q[:, None] - self.slots[None, :] < self.window)[None]
+                fresh = fresh & (q[:, None] - q[None, :] < self.window)[None]
+            masks[kind] = torch.cat([old, fresh | itself], dim=-1)[:, None]
+        return masks
