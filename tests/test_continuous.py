@@ -181,3 +181,29 @@ def test_scheduler_admits_a_waiting_request_into_the_running_batch(tiny):
     for name, tokens in (("long", long_tokens), ("short", short_tokens)):
         prompt, n, seed = specs[name]
         assert tokens == model.generate([prompt], max_new_tokens=n, max_denoising_steps=6, seed=seed).token_ids[0]
+
+
+def test_joined_rows_through_graph_replays_give_the_eager_tokens(tiny, monkeypatch):
+    """The graphs' static cache carries the rows' offsets: replayed steps over a joined cache match eager ones."""
+    from dgemma.engine import graphs
+    from test_engine import _replaying_capture
+
+    model = _without_eos(dgemma.load(tiny[0], dtype=torch.float64))
+    settings = model.settings.replace(**SETTINGS)
+
+    def run():
+        loop = CanvasLoop(model.net, settings, per_row=True)
+        first, = loop.add([_prompt(5, 1)], 48, generators=[_gen(1)])
+        loop.step()
+        second, = loop.add([_prompt(30, 2)], 32, generators=[_gen(2)])
+        while not (first.finished and second.finished):
+            loop.step()
+            loop.release()
+        return first.token_ids, second.token_ids
+
+    eager = run()
+    calls = []
+    monkeypatch.setattr(graphs, "use_graphs", lambda device: True)
+    monkeypatch.setattr(graphs.CanvasDecoder, "capture", staticmethod(_replaying_capture(calls, True)))
+    assert run() == eager
+    assert calls.count("capture") >= 4 and "replay" in calls
