@@ -103,6 +103,7 @@ def test_graph_replayed_steps_give_the_eager_tokens(dtype, warm_up, monkeypatch)
     eager = model.generate(prompts, **kw)
     assert eager.steps[0] != eager.steps[1], "the rows should settle at different steps"
     calls = []
+    monkeypatch.setattr(graphs, "LENGTH_BUCKET", 1)  # no padding: bfloat16 sums stay exactly the eager ones
     monkeypatch.setattr(graphs, "use_graphs", lambda device: True)
     monkeypatch.setattr(graphs.CanvasDecoder, "capture", staticmethod(_replaying_capture(calls, warm_up)))
     replayed = model.generate(prompts, **kw)
@@ -133,6 +134,29 @@ def test_graph_replayed_steps_give_the_eager_tokens(dtype, warm_up, monkeypatch)
     model.generate(prompts, **kw)
     assert calls.count("capture") == 6
     assert replayed.token_ids == eager.token_ids and replayed.steps == eager.steps
+
+
+def test_canvases_of_one_generation_share_bucketed_graphs(monkeypatch):
+    """Caches padded to LENGTH_BUCKET slots (positions kept by row offsets): later canvases replay the first
+    canvas's graphs, a prompt past a bucket boundary gets its own, and tokens equal the eager ones (float64, where
+    the padding's rounding cannot flip a near-tie)."""
+    from dgemma.api import Model
+    from dgemma.engine import graphs
+    from dgemma.model.diffusion_gemma import DiffusionGemma
+
+    model = Model(DiffusionGemma(preset("tiny")).init_weights(3).to(torch.float64))
+    kw = dict(max_new_tokens=3 * model.config.canvas_length, max_denoising_steps=4, seed=2, stability_threshold=0,
+              confidence_threshold=1e-9)
+    cases = [[[5, 6, 7], [8, 9]], [list(range(3, 3 + graphs.LENGTH_BUCKET + 4)), [8, 9]]]
+    eager = [model.generate(p, **kw) for p in cases]
+    calls = []
+    monkeypatch.setattr(graphs, "use_graphs", lambda device: True)
+    monkeypatch.setattr(graphs.CanvasDecoder, "capture", staticmethod(_replaying_capture(calls, True)))
+    for prompts, expected in zip(cases, eager):
+        calls.clear()
+        replayed = model.generate(prompts, **kw)
+        assert replayed.token_ids == expected.token_ids and len(replayed.steps[0]) == 3
+        assert calls.count("capture") == 2  # one bucket for all three canvases: two graphs, then replays only
 
 
 def test_failed_capture_falls_back_to_eager_steps(monkeypatch):

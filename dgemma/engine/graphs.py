@@ -2,7 +2,9 @@
 
 Owns `CanvasDecoder`: `net.decode` against a cache that does not change while one canvas is denoised. On a CUDA device
 each pass replays a CUDA graph (one launch instead of thousands, which is what bounds a step when the GPU waits on
-the host). Graphs are kept per network for one shape at a time, (batch, cached length, weight storage): a pass without
+the host). The cache is padded on the left to a multiple of LENGTH_BUCKET slots first (row offsets keep positions),
+so the canvases of one generation share graphs. Graphs are kept per network for one shape at a time, (batch,
+bucketed length, weight storage): a pass without
 self-conditioning (a canvas's first step) and one with it. They read static buffers: the canvas, the
 self-conditioning logits, and a copy of the cache's keys, values, valid mask and row offsets, which each canvas refills once, so
 repeated runs of one shape (a benchmark, a server with same-length prompts) capture nothing. A new shape replaces the
@@ -26,6 +28,7 @@ from ..model.diffusion_gemma import DiffusionGemma
 from .cache import KVCache
 
 CUDA_GRAPHS = os.environ.get("DGEMMA_CUDA_GRAPHS", "1") != "0"
+LENGTH_BUCKET = 256  # cached lengths are padded up to a multiple of this for the graphs' shapes
 _streams: dict[torch.device, torch.cuda.Stream] = {}  # one capture stream per device
 
 
@@ -62,7 +65,7 @@ class _Graphs:
         self.cache.keys = [None if k is None else k.clone() for k in cache.keys]
         self.cache.values = [None if v is None else v.clone() for v in cache.values]
         self.cache.valid = cache.valid.clone()
-        self.cache.offset = None if cache.offset is None else cache.offset.clone()
+        self.cache.offset = cache.offset.clone()
         self.canvas = canvas.clone()
         self.sc_logits: torch.Tensor | None = None  # made with the first self-conditioned pass
         self.passes: dict[bool, tuple[Callable, torch.Tensor]] = {}  # with self-conditioning? -> (replay, output)
@@ -73,14 +76,22 @@ class _Graphs:
             if static is not None:
                 static.copy_(new)
         self.cache.valid.copy_(cache.valid)
-        if cache.offset is not None:
-            self.cache.offset.copy_(cache.offset)
+        self.cache.offset.copy_(cache.offset)
 
 
 def _weights(net: DiffusionGemma) -> int:
     """A fingerprint of where and how the network's tensors are stored: quantizing or reloading the weights changes
     it, so graphs that read the old storage are never replayed (updates in place, as training makes, keep it)."""
     return hash(tuple((t.data_ptr(), t.dtype, t.shape) for t in [*net.parameters(), *net.buffers()]))
+
+
+def _bucketed(cache: KVCache) -> KVCache:
+    """`cache` padded on the left to a multiple of LENGTH_BUCKET slots, with row offsets keeping every position: the
+    canvases of one generation (a canvas longer each) then share graphs instead of capturing new ones each."""
+    padded = cache.pad_left(-cache.length % LENGTH_BUCKET).snapshot()
+    if padded.offset is None:
+        padded.offset = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.valid.device)
+    return padded
 
 
 _graphs: weakref.WeakKeyDictionary[DiffusionGemma, _Graphs] = weakref.WeakKeyDictionary()  # one shape per network
@@ -98,6 +109,8 @@ class CanvasDecoder:
     def __init__(self, net: DiffusionGemma, cache: KVCache):
         self.net, self.cache = net, cache
         self.graphs = use_graphs(net.device)
+        if self.graphs:
+            self.cache = _bucketed(cache)
         self._weights = _weights(net) if self.graphs else None
         self._loaded: _Graphs | None = None  # the graphs whose static cache holds this canvas's cache
 
@@ -105,8 +118,7 @@ class CanvasDecoder:
         if not self.graphs or CanvasDecoder._failed:
             return self.net.decode(canvas, self.cache, sc_logits)
         graphs = _graphs.get(self.net)
-        key = (tuple(canvas.shape), self.cache.length, tuple(k is None for k in self.cache.keys),
-               self.cache.offset is None, self._weights)
+        key = (tuple(canvas.shape), self.cache.length, tuple(k is None for k in self.cache.keys), self._weights)
         if graphs is None or graphs.key != key:
             _graphs.pop(self.net, None)  # free the old shape's graphs before capturing new ones
             graphs = _graphs[self.net] = _Graphs(key, self.cache, canvas)
