@@ -103,7 +103,7 @@ def test_graph_replayed_steps_give_the_eager_tokens(dtype, warm_up, monkeypatch)
     eager = model.generate(prompts, **kw)
     assert eager.steps[0] != eager.steps[1], "the rows should settle at different steps"
     calls = []
-    monkeypatch.setattr(graphs, "LENGTH_BUCKET", 1)  # no padding: bfloat16 sums stay exactly the eager ones
+    monkeypatch.setattr(graphs, "BUCKET_CANVASES", 0)  # no padding: bfloat16 sums stay exactly the eager ones
     monkeypatch.setattr(graphs, "use_graphs", lambda device: True)
     monkeypatch.setattr(graphs.CanvasDecoder, "capture", staticmethod(_replaying_capture(calls, warm_up)))
     replayed = model.generate(prompts, **kw)
@@ -137,7 +137,7 @@ def test_graph_replayed_steps_give_the_eager_tokens(dtype, warm_up, monkeypatch)
 
 
 def test_canvases_of_one_generation_share_bucketed_graphs(monkeypatch):
-    """Caches padded to LENGTH_BUCKET slots (positions kept by row offsets): later canvases replay the first
+    """Caches padded to BUCKET_CANVASES canvases (positions kept by row offsets): later canvases replay the first
     canvas's graphs, a prompt past a bucket boundary gets its own, and tokens equal the eager ones (float64, where
     the padding's rounding cannot flip a near-tie)."""
     from dgemma.api import Model
@@ -147,7 +147,8 @@ def test_canvases_of_one_generation_share_bucketed_graphs(monkeypatch):
     model = Model(DiffusionGemma(preset("tiny")).init_weights(3).to(torch.float64))
     kw = dict(max_new_tokens=3 * model.config.canvas_length, max_denoising_steps=4, seed=2, stability_threshold=0,
               confidence_threshold=1e-9)
-    cases = [[[5, 6, 7], [8, 9]], [list(range(3, 3 + graphs.LENGTH_BUCKET + 4)), [8, 9]]]
+    bucket = graphs.BUCKET_CANVASES * model.config.canvas_length
+    cases = [[[5, 6, 7], [8, 9]], [list(range(3, 3 + bucket + 4)), [8, 9]]]
     eager = [model.generate(p, **kw) for p in cases]
     calls = []
     monkeypatch.setattr(graphs, "use_graphs", lambda device: True)

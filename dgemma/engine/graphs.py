@@ -2,8 +2,8 @@
 
 Owns `CanvasDecoder`: `net.decode` against a cache that does not change while one canvas is denoised. On a CUDA device
 each pass replays a CUDA graph (one launch instead of thousands, which is what bounds a step when the GPU waits on
-the host). The cache is padded on the left to a multiple of LENGTH_BUCKET slots first (row offsets keep positions),
-so the canvases of one generation share graphs. Graphs are kept per network for one shape at a time, (batch,
+the host). The cache is padded on the left to a multiple of BUCKET_CANVASES canvases first (row offsets keep
+positions), so consecutive canvases of one generation share graphs (the padding costs a little attention). Graphs are kept per network for one shape at a time, (batch,
 bucketed length, weight storage): a pass without
 self-conditioning (a canvas's first step) and one with it. They read static buffers: the canvas, the
 self-conditioning logits, and a copy of the cache's keys, values, valid mask and row offsets, which each canvas refills once, so
@@ -28,7 +28,7 @@ from ..model.diffusion_gemma import DiffusionGemma
 from .cache import KVCache
 
 CUDA_GRAPHS = os.environ.get("DGEMMA_CUDA_GRAPHS", "1") != "0"
-LENGTH_BUCKET = 256  # cached lengths are padded up to a multiple of this for the graphs' shapes
+BUCKET_CANVASES = 4  # cached lengths are padded up to a multiple of this many canvases for the graphs' shapes
 _streams: dict[torch.device, torch.cuda.Stream] = {}  # one capture stream per device
 
 
@@ -85,10 +85,11 @@ def _weights(net: DiffusionGemma) -> int:
     return hash(tuple((t.data_ptr(), t.dtype, t.shape) for t in [*net.parameters(), *net.buffers()]))
 
 
-def _bucketed(cache: KVCache) -> KVCache:
-    """`cache` padded on the left to a multiple of LENGTH_BUCKET slots, with row offsets keeping every position: the
-    canvases of one generation (a canvas longer each) then share graphs instead of capturing new ones each."""
-    padded = cache.pad_left(-cache.length % LENGTH_BUCKET).snapshot()
+def _bucketed(cache: KVCache, canvas_length: int) -> KVCache:
+    """`cache` padded on the left to a multiple of BUCKET_CANVASES canvases, with row offsets keeping every position:
+    consecutive canvases of one generation (a canvas longer each) then share graphs instead of capturing new ones."""
+    bucket = BUCKET_CANVASES * canvas_length  # 0: no padding
+    padded = cache.pad_left(-cache.length % bucket if bucket else 0).snapshot()
     if padded.offset is None:
         padded.offset = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.valid.device)
     return padded
@@ -110,7 +111,7 @@ class CanvasDecoder:
         self.net, self.cache = net, cache
         self.graphs = use_graphs(net.device)
         if self.graphs:
-            self.cache = _bucketed(cache)
+            self.cache = _bucketed(cache, net.config.canvas_length)
         self._weights = _weights(net) if self.graphs else None
         self._loaded: _Graphs | None = None  # the graphs whose static cache holds this canvas's cache
 
