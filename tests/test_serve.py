@@ -392,7 +392,9 @@ def test_full_queue_answers_503(model):
             lines = r.aiter_lines()  # kept open: leaving the iterator would close the stream
             while not (await anext(lines)).startswith("data: "):
                 pass  # the first canvas arrived: it is running now
-            waiting = asyncio.create_task(http.post(live.url + "/v1/completions", json={**long, "stream": False}))
+            # Other sampler settings: it cannot join the running batch, so it waits in the queue.
+            other = {**long, "stream": False, "max_denoising_steps": 7}
+            waiting = asyncio.create_task(http.post(live.url + "/v1/completions", json=other))
             for _ in range(200):
                 if (await http.get(live.url + "/health")).json()["waiting"] == 1:
                     break
