@@ -144,7 +144,7 @@ class CanvasLoop:
 
     def release(self, rows: list[Row] | None = None) -> list[Row]:
         """Drop `rows` (default: the finished ones) and their cache rows from the batch; returns those dropped."""
-        leaving = {id(r) for r in (rows if rows is not None else self.rows) if rows is not None or r.finished}
+        leaving = {id(r) for r in rows} if rows is not None else {id(r) for r in self.rows if r.finished}
         gone = [r for r in self.rows if id(r) in leaving]
         if gone:
             keep = [i for i, r in enumerate(self.rows) if id(r) not in leaving]
