@@ -2,8 +2,9 @@
 
 Owns the reference's exact per-step arithmetic and its order of random draws (multinomial sample, then renoise ids),
 from one generator for the whole batch (the reference's way) or from one generator per row (`Generators`: each row
-then draws what it would draw alone, whatever else is in the batch), plus pinned positions: held to given ids at every step, never resampled or renoised, counted as zero entropy so they
-spend none of the entropy budget, and left out of the confidence mean.
+then draws what it would draw alone, whatever else is in the batch), plus pinned positions: held to given ids at
+every step, never resampled or renoised, counted as zero entropy so they spend none of the entropy budget, and left
+out of the confidence mean.
 Must not: run the network or know about caches; it maps logits and canvases to canvases.
 """
 

@@ -1,7 +1,8 @@
 """GPU checks, skipped where no CUDA device exists: the bf16 network against transformers' on the same GPU, the
-engine end to end, captured denoising and token steps against eager ones, the grouped expert matmul against the per-expert loop, the compiled Triton kernels against
-dequantize-then-matmul, and a quantized network's logits. Run them alone (`pytest tests/test_cuda.py`): the Triton
-interpreter tests set TRITON_INTERPRET=1 for the rest of their process."""
+engine end to end, captured denoising and token steps against eager ones, the grouped expert matmul against the
+per-expert loop, the compiled Triton kernels against dequantize-then-matmul, and a quantized network's logits. Run
+them alone (`pytest tests/test_cuda.py`): the Triton interpreter tests set TRITON_INTERPRET=1 for the rest of their
+process."""
 
 import copy
 

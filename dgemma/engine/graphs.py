@@ -1,17 +1,17 @@
 """Denoising steps through CUDA graphs: a decoder pass captured once per shape and replayed for every step.
 
-Owns `CanvasDecoder`: `net.decode` against a cache that does not change while one canvas is denoised. On a CUDA device
-each pass replays a CUDA graph (one launch instead of thousands, which is what bounds a step when the GPU waits on
-the host). The cache is padded on the left to a multiple of BUCKET_CANVASES canvases first (row offsets keep
-positions), so consecutive canvases of one generation share graphs (the padding costs a little attention). Graphs are kept per network for one shape at a time, (batch,
-bucketed length, weight storage): a pass without
-self-conditioning (a canvas's first step) and one with it. They read static buffers: the canvas, the
-self-conditioning logits, and a copy of the cache's keys, values, valid mask and row offsets, which each canvas refills once, so
-repeated runs of one shape (a benchmark, a server with same-length prompts) capture nothing. A new shape replaces the
-graphs (their memory, about one pass's activations each, is bounded that way). Each capture is preceded by one
+Owns `CanvasDecoder`: `net.decode` against a cache that does not change while one canvas is denoised. On a CUDA
+device each pass replays a CUDA graph (one launch instead of thousands, which is what bounds a step when the GPU
+waits on the host). The cache is padded on the left to a multiple of BUCKET_CANVASES canvases first (row offsets
+keep positions), so consecutive canvases of one generation share graphs (the padding costs a little attention).
+Graphs are kept per network for one shape at a time, (batch, bucketed length, weight storage): a pass without
+self-conditioning (a canvas's first step) and one with it. They read static buffers: the canvas, the self-conditioning
+logits, and a copy of the cache's keys, values, valid mask and row offsets, which each canvas refills once, so
+repeated runs of one shape (a benchmark, a server with same-length prompts) capture nothing. A new shape replaces
+the graphs (their memory, about one pass's activations each, is bounded that way). Each capture is preceded by one
 eager pass on the capture stream (lazy library set-up and Triton compilation must not happen inside a capture),
-whose result that step uses. A capture that fails leaves a warning and eager passes for the rest of the
-process. Elsewhere (the CPU, or DGEMMA_CUDA_GRAPHS=0) every step is the plain eager pass.
+whose result that step uses. A capture that fails leaves a warning and eager passes for the rest of the process.
+Elsewhere (the CPU, or DGEMMA_CUDA_GRAPHS=0) every step is the plain eager pass.
 Must not: sample, or change what a pass computes: a replay runs the very kernels the eager pass launches.
 """
 

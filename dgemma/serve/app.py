@@ -626,8 +626,8 @@ def create_app(model: Model, config: ServeConfig | None = None) -> FastAPI:
     async def health():
         s = scheduler()
         return {"status": "ok", "model": config.model_name, "waiting": s.waiting, "running_rows": s.running_rows,
-                "batches": s.batches, "requests": s.requests, "max_queue": config.max_queue, "prefix_hits": s.prefix.hits,
-                "prefix_reused_tokens": s.prefix.reused_tokens}
+                "batches": s.batches, "requests": s.requests, "max_queue": config.max_queue,
+                "prefix_hits": s.prefix.hits, "prefix_reused_tokens": s.prefix.reused_tokens}
 
     @app.get("/", include_in_schema=False)
     async def playground():
