@@ -74,7 +74,7 @@ class Model:
         """A 2-D tensor or a list of id lists -> left-padded ids [B, T] and valid [B, T], validated."""
         return pad_prompts(self.prompt_rows(prompt_ids), self.config.pad_token_id, self.device)
 
-    def _canvas_ids(self, canvas, batch: int, name: str, dtype=torch.long) -> torch.Tensor:
+    def canvas_ids(self, canvas, batch: int, name: str, dtype=torch.long) -> torch.Tensor:
         """A canvas-shaped input ([C] or [B, C]) -> [B, C] on the model's device."""
         c = self.config.canvas_length
         t = torch.as_tensor(canvas, device=self.device)
@@ -111,8 +111,8 @@ class Model:
         b = len(rows)
         if pinned is not None and canvas is None:
             raise ValueError("pinned needs a canvas holding the pinned ids")
-        canvas_t = self._canvas_ids(canvas, b, "canvas") if canvas is not None else None
-        pinned_t = self._canvas_ids(pinned, b, "pinned", torch.bool) if pinned is not None else None
+        canvas_t = self.canvas_ids(canvas, b, "canvas") if canvas is not None else None
+        pinned_t = self.canvas_ids(pinned, b, "pinned", torch.bool) if pinned is not None else None
         if pinned_t is not None and bool((pinned_t & (canvas_t < 0)).any()):
             raise ValueError("a pinned position holds -1 (noise); pinned positions need real token ids")
         return generate(self.net, rows, settings, generator=self.generator(seed), canvas=canvas_t, pinned=pinned_t,
@@ -126,7 +126,7 @@ class Model:
     def canvas_logits(self, prompt_ids, canvas_ids, self_conditioning_logits=None) -> torch.Tensor:
         """The decoder's soft-capped float32 logits [B, C, V] for `canvas_ids` with the prompts as cached prefix."""
         ids, valid = self._prompts(prompt_ids)
-        canvas = self._canvas_ids(canvas_ids, ids.shape[0], "canvas_ids")
+        canvas = self.canvas_ids(canvas_ids, ids.shape[0], "canvas_ids")
         cache = KVCache(self.config, ids.shape[0], self.device)
         self.net.encode(ids, cache, valid)
         sc = None

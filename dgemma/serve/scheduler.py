@@ -176,8 +176,8 @@ class _Run:
         canvas = pinned = None
         if self.raw and not self.loop.canvases:
             first = self.jobs[0]
-            canvas = self.model._canvas_ids(first.canvas, len(first.prompts), "canvas")
-            pinned = self.model._canvas_ids(first.pinned, len(first.prompts), "pinned", torch.bool)
+            canvas = self.model.canvas_ids(first.canvas, len(first.prompts), "canvas")
+            pinned = self.model.canvas_ids(first.pinned, len(first.prompts), "pinned", torch.bool)
         stopped = True  # the canvas did not complete: every job leaves
         try:
             commits = {id(c.row): c for c in self.loop.step(canvas, pinned)}
