@@ -13,6 +13,7 @@ import torch
 import dgemma
 from dgemma.train import trainer as trainer_mod
 from dgemma.train.data import ChatData, Shape
+from dgemma.train.objective import corrupt
 from dgemma.train.trainer import Trainer, read_config
 from dgemma.tokenizer import Tokenizer
 
@@ -203,6 +204,7 @@ def test_chat_data_supervises_only_the_reply(tmp_path):
     ({"modle": {"preset": "tiny"}}, "unknown config section"),
     ({"train": {"max_prefix": 5000}}, "needs 5008 positions"),
     ({"train": {"parallel": "zero3"}}, "train.parallel must be 'ddp' or 'fsdp'"),
+    ({"objective": {"span": 1.5}}, "objective.span is a probability"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, change, match):
     cfg = write_config(tmp_path, **change)
@@ -268,3 +270,39 @@ def test_several_blocks_per_sequence_and_balance_loss(tmp_path):
     t = run(cfg)
     assert all(torch.isfinite(torch.tensor(v)) for v in t.history["loss"])
     assert t.shape.blocks == 2
+
+
+def _streams(n, seed=0):
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def test_span_corruption_noises_one_run_and_uniform_noise_is_unchanged():
+    """span=1: every row has exactly one contiguous noised run, of every length and start over many rows, and the
+    returned rate is its length / C. span=0 draws exactly the per-token uniform noise it drew before the option."""
+    rows, c, vocab = 400, 16, 50
+    block = torch.full((rows, c), -1)  # outside the vocabulary: every noised position shows
+    t = torch.rand(rows, generator=torch.Generator().manual_seed(9))
+    noisy, rate = corrupt(block, t, vocab, _streams(rows), span=1.0)
+    runs = set()
+    for row, r in zip(noisy, rate.tolist()):
+        where = (row != -1).nonzero().flatten().tolist()
+        assert where and where == list(range(where[0], where[-1] + 1))
+        assert r == len(where) / c
+        runs.add((where[0], len(where)))
+    assert {n for _, n in runs} == set(range(1, c + 1)) and {s for s, _ in runs} == set(range(c))
+    noisy, rate = corrupt(block, t, vocab, _streams(rows), span=0.0)
+    flip, ids = [], []
+    for g in _streams(rows):
+        flip.append(torch.rand(c, generator=g))
+        ids.append(torch.randint(0, vocab, (c,), generator=g))
+    expected = torch.where(torch.stack(flip) < t[:, None], torch.stack(ids), block)
+    assert torch.equal(noisy, expected) and torch.equal(rate, t)
+    mixed, _ = corrupt(block, t, vocab, _streams(rows), span=0.5)
+    assert torch.equal(mixed, corrupt(block, t, vocab, _streams(rows), span=0.5)[0])
+    assert not torch.equal(mixed, noisy)
+
+
+def test_span_objective_trains(tmp_path):
+    cfg = write_config(tmp_path, train={"steps": 2, "save_every": 2, "eval_every": 2}, objective={"span": 0.5})
+    t = run(cfg)
+    assert all(torch.isfinite(torch.tensor(v)) for v in t.history["loss"])

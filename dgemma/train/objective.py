@@ -4,7 +4,8 @@ Owns the loss of one batch: the clean text before each supervised block goes thr
 keys/values the decoder reads); each block is corrupted with uniform noise at a rate t ~ U(eps, 1) per example; the
 decoder's cross-entropy on the clean block tokens (flat mean, optionally weighted by 1/(1 - t)); plus the encoder's
 causal next-token loss on the clean sequence; two-pass self-conditioning with some probability (the first pass
-without gradients); optionally a MoE load-balancing loss. Several consecutive blocks per sequence are supported.
+without gradients); optionally a MoE load-balancing loss. Optionally (`span`) some blocks are corrupted as one
+contiguous span instead, the shape of an infill hole between clean text. Several consecutive blocks per sequence are supported.
 Must not: own data loading, optimisers or distribution; every random draw comes from the generators handed in.
 """
 
@@ -27,6 +28,15 @@ class ObjectiveOptions:
     reweight: bool = False  # weight each example's block loss by 1/(1 - t), capped at max_weight
     max_weight: float = 10.0
     balance_weight: float = 0.0  # MoE load-balancing loss weight (0 = off)
+    span: float = 0.0  # probability, per example and block, of span corruption instead of uniform noise (0 = off)
+
+    def __post_init__(self):
+        for name in ("self_conditioning", "span"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"objective.{name} is a probability in [0, 1], got {value!r}")
+        if not 0.0 < self.eps < 1.0:
+            raise ValueError(f"objective.eps must be in (0, 1), got {self.eps!r}")
 
 
 @dataclass
@@ -43,12 +53,26 @@ class Batch:
         return Batch(self.ids.to(device), self.supervise.to(device), self.valid.to(device), self.blocks)
 
 
-def corrupt(block: torch.Tensor, t: torch.Tensor, vocab: int, rows: list[torch.Generator]) -> torch.Tensor:
-    """Replace each token of block [B, C] by a uniform random id with probability t [B]; row i draws from rows[i]."""
+def corrupt(block: torch.Tensor, t: torch.Tensor, vocab: int, rows: list[torch.Generator],
+            span: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corrupt block [B, C]: each token is replaced by a uniform random id with probability t [B]; row i draws from
+    rows[i]. With probability `span` a row instead has one contiguous run replaced (length uniform in 1..C, start
+    uniform where it fits) and the rest kept clean. Returns (noisy block [B, C], each row's noised fraction [B]: t
+    for uniform rows, run length / C for span rows)."""
     c = block.shape[1]
-    flip = torch.stack([torch.rand(c, generator=g) for g in rows]).to(block.device) < t[:, None]
+    flips, rates = [], []
+    for g, rate in zip(rows, t.tolist()):
+        if span > 0 and torch.rand(1, generator=g).item() < span:
+            length = int(torch.randint(1, c + 1, (1,), generator=g))
+            start = int(torch.randint(0, c - length + 1, (1,), generator=g))
+            flips.append((torch.arange(c) >= start) & (torch.arange(c) < start + length))
+            rates.append(length / c)
+        else:
+            flips.append(torch.rand(c, generator=g) < rate)
+            rates.append(rate)
+    flip = torch.stack(flips).to(block.device)
     noise = torch.stack([torch.randint(0, vocab, (c,), generator=g) for g in rows]).to(block.device)
-    return torch.where(flip, noise, block)
+    return torch.where(flip, noise, block), torch.tensor(rates, dtype=t.dtype, device=t.device)
 
 
 def _uniform(rows: list[torch.Generator], device) -> torch.Tensor:
@@ -128,7 +152,7 @@ def losses(net: DiffusionGemma, batch: Batch, opts: ObjectiveOptions, rows: list
             lo, hi = prefix + j * c, prefix + (j + 1) * c
             clean, mask = batch.ids[:, lo:hi], batch.supervise[:, lo:hi]
             t = opts.eps + (1 - opts.eps) * _uniform(rows, clean.device)
-            noisy = corrupt(clean, t, cfg.vocab_size, rows)
+            noisy, t = corrupt(clean, t, cfg.vocab_size, rows, opts.span)
             use_sc = _uniform(rows, clean.device) < opts.self_conditioning
             sc_logits = None
             if bool(use_sc.any()) or (uniform_passes and opts.self_conditioning > 0):
