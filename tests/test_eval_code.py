@@ -9,7 +9,7 @@ import dgemma
 from dgemma.cli import main
 from dgemma.tokenizer import Tokenizer
 from dgemma.train import eval_code as ec
-from dgemma.train.stdlib import HELD_OUT_MODULES, module_of, stdlib_files, stdlib_root
+from dgemma.train.stdlib import HELD_OUT_MODULES, TEST_DIRS, split_of, stdlib_files, stdlib_root
 
 SOURCE = '''import os
 
@@ -46,15 +46,29 @@ def box(tmp_path):
     return path
 
 
-def test_split_is_disjoint_deterministic_and_free_of_tests():
+def _parts(path):
+    return path.relative_to(stdlib_root()).parts
+
+
+def test_split_is_disjoint_deterministic_and_keeps_held_out_tests_out():
     train, held = stdlib_files("train"), stdlib_files("heldout")
     assert train and held and not set(train) & set(held)
     assert train == sorted(train, key=lambda p: p.relative_to(stdlib_root()).as_posix()) == stdlib_files("train")
-    assert {module_of(p) for p in held} == set(HELD_OUT_MODULES)
-    assert not {module_of(p) for p in train} & set(HELD_OUT_MODULES)
+    assert {_parts(p)[0].removesuffix(".py") for p in held} == set(HELD_OUT_MODULES)
+    assert not {_parts(p)[0].removesuffix(".py") for p in train} & set(HELD_OUT_MODULES)
     for path in train + held:
-        parts = set(path.relative_to(stdlib_root()).parts)
-        assert not parts & {"test", "tests", "idle_test", "site-packages"}, path
+        assert "site-packages" not in _parts(path), path
+    assert not any(TEST_DIRS & set(_parts(p)) for p in held)
+    tests = [p for p in train if TEST_DIRS & set(_parts(p))]
+    assert tests, "the test suites belong to the train split"
+    names = {_parts(p)[-1] for p in tests}
+    assert "test_csv.py" not in names and "test_textwrap.py" not in names and "test_heapq.py" not in names
+    root = stdlib_root()
+    assert split_of(root / "test" / "test_json" / "test_dump.py") is None
+    assert split_of(root / "test" / "test_htmlparser.py") is None
+    assert split_of(root / "test" / "test_os.py") == "train"
+    assert split_of(root / "json" / "decoder.py") == "heldout"
+    assert split_of(root / "os.py") == "train"
     with pytest.raises(ValueError, match="split"):
         stdlib_files("validation")
 

@@ -2,14 +2,16 @@
 
 Owns: where the standard library lives (`stdlib_root`), which files belong to the corpus, and the fixed held-out
 modules (`HELD_OUT_MODULES`) kept for evaluation only. A corpus file is a `.py` file under the root that
-- is not inside a test suite (any folder named `test`, `tests` or `idle_test`: `test/`, `idlelib/idle_test`,
-  `lib2to3/tests`, `unittest/test`, `ctypes/test`, ...),
 - is not inside `site-packages` / `dist-packages` (third-party code), `__pycache__` or the build's `config-*` folder,
 - is not the generated, platform-specific `_sysconfigdata_*.py`,
 - decodes as UTF-8 and parses with `ast.parse`.
+The held-out split is the files of the held-out modules (top-level module = first path component, `.py` dropped)
+outside any test suite. The train split is every other corpus file, test suites included (files under a folder named
+`test`, `tests` or `idle_test`: `test/`, `idlelib/idle_test`, `unittest/test`, ...), except the tests of a held-out
+module: a test-suite file with a path component that, less a leading `test_`, begins with a held-out module's name
+(`test/test_csv.py`, `test/test_json/`, `test/test_htmlparser.py`) is in neither split.
 Listings are sorted by path relative to the root, so they are deterministic for a given interpreter; the scan runs
-once per process. Held-out and train never share a file: a file is held out iff its top-level module (first path
-component, `.py` dropped) is in HELD_OUT_MODULES.
+once per process. Held-out and train never share a file.
 Must not: tokenize, batch or know about models.
 """
 
@@ -31,7 +33,8 @@ HELD_OUT_MODULES: tuple[str, ...] = (
 )
 
 SPLITS = ("train", "heldout")
-_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 
 
 def stdlib_root() -> Path:
@@ -39,10 +42,13 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def module_of(path: Path, root: Path | None = None) -> str:
-    """The top-level module a corpus file belongs to: 'json' for json/decoder.py, 'textwrap' for textwrap.py."""
-    first = Path(path).relative_to(root or stdlib_root()).parts[0]
-    return first.removesuffix(".py")
+def split_of(path: Path, root: Path | None = None) -> str | None:
+    """"train" or "heldout" for a corpus file, None for the tests of a held-out module (in neither split)."""
+    parts = Path(path).relative_to(root or stdlib_root()).parts
+    if not TEST_DIRS & set(parts[:-1]):
+        return "heldout" if parts[0].removesuffix(".py") in HELD_OUT_MODULES else "train"
+    names = (part.removesuffix(".py").removeprefix("test_") for part in parts)
+    return None if any(name.startswith(HELD_OUT_MODULES) for name in names) else "train"
 
 
 def _is_python(path: Path) -> bool:
@@ -78,6 +84,4 @@ def stdlib_files(split: str) -> list[Path]:
     root = stdlib_root()
     if not root.is_dir():
         raise OSError(f"the standard library source folder {root} does not exist")
-    held = set(HELD_OUT_MODULES)
-    want_held = split == "heldout"
-    return [p for p in _corpus(str(root)) if (module_of(p, root) in held) == want_held]
+    return [p for p in _corpus(str(root)) if split_of(p, root) == split]
