@@ -23,6 +23,8 @@ from .engine.prefix import PrefixCache
 from .model.diffusion_gemma import DiffusionGemma
 from .tokenizer import Tokenizer
 
+BUNDLED = Path(__file__).parent / "assets" / "model"  # the small model shipped in the package
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -180,9 +182,21 @@ class Model:
         return sum(t.numel() * t.element_size() for t in self.net.state_dict().values())
 
 
-def load(path_or_repo_id: str | os.PathLike, device=None, dtype=None) -> Model:
-    """Load a checkpoint directory (or a Hub repo id, downloaded on first use; or a .gguf file) onto `device` in
-    `dtype` (default: the checkpoint's stored dtype). Quantized and FP8 directories keep their weight format."""
+def model_path(path_or_repo_id: str | os.PathLike | None) -> str:
+    """`path_or_repo_id` as a string, or the bundled model's directory when it is None."""
+    if path_or_repo_id is not None:
+        return str(path_or_repo_id)
+    if BUNDLED.is_dir():
+        return str(BUNDLED)
+    raise ValueError("no model given and this install has no bundled model; pass a checkpoint directory or Hub id "
+                     "(`dgemma init DIR` writes a random one)")
+
+
+def load(path_or_repo_id: str | os.PathLike | None = None, device=None, dtype=None) -> Model:
+    """Load a checkpoint directory (or a Hub repo id, downloaded on first use; or a .gguf file; default: the bundled
+    model) onto `device` in `dtype` (default: the checkpoint's stored dtype). Quantized and FP8 directories keep their
+    weight format."""
+    path_or_repo_id = model_path(path_or_repo_id)
     device = torch.device(device if device is not None else "cpu")
     if quant.is_gguf(path_or_repo_id):
         return Model(*quant.load_gguf(path_or_repo_id, device, _dtype(dtype)))

@@ -11,17 +11,14 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from . import checkpoint, quant
-from .api import Model, load
+from .api import Model, load, model_path
 from .config import PRESET_NAMES, GenerationSettings, preset
 from .model.diffusion_gemma import DiffusionGemma
 from .tokenizer import Tokenizer
-
-BUNDLED = Path(__file__).parent / "assets" / "model"
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -103,15 +100,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_path(arg: str | None) -> str:
-    if arg is not None:
-        return arg
-    if BUNDLED.is_dir():
-        return str(BUNDLED)
-    raise ValueError("no --model given and this install has no bundled model; pass --model PATH "
-                     "(`dgemma init DIR` writes a random one)")
-
-
 def _parse_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(",", " ").split()]
@@ -120,7 +108,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_run(args) -> int:
-    model: Model = load(_model_path(args.model), device=args.device, dtype=args.dtype)
+    model: Model = load(args.model, device=args.device, dtype=args.dtype)
     kw = dict(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps, entropy_bound=args.entropy_bound,
               seed=args.seed)
     start = time.perf_counter()
@@ -242,14 +230,14 @@ def cmd_serve(args) -> int:
         from .serve.app import serve
     except ImportError as err:
         raise ValueError(f"serving needs the serve extra: pip install 'dgemma[serve]' ({err})") from None
-    return serve(_model_path(args.model), host=args.host, port=args.port, api_key=args.api_key, device=args.device,
+    return serve(model_path(args.model), host=args.host, port=args.port, api_key=args.api_key, device=args.device,
                  dtype=args.dtype, max_queue=args.max_queue, max_batch=args.max_batch, max_tokens=args.max_tokens)
 
 
 def cmd_chat(args) -> int:
     from .serve.chat import chat
 
-    return chat(load(_model_path(args.model), device=args.device, dtype=args.dtype), sys.stdin, sys.stdout,
+    return chat(load(args.model, device=args.device, dtype=args.dtype), sys.stdin, sys.stdout,
                 max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps, seed=args.seed,
                 thinking=args.thinking)
 

@@ -80,7 +80,7 @@ def test_console_script_is_installed(tiny_dir):
 
 
 def test_run_without_model_uses_the_bundled_model(capsys):
-    from dgemma.cli import BUNDLED
+    from dgemma.api import BUNDLED
 
     assert (BUNDLED / "model.safetensors").is_file(), "the package ships a trained model"
     size = sum(p.stat().st_size for p in BUNDLED.iterdir())
@@ -88,3 +88,14 @@ def test_run_without_model_uses_the_bundled_model(capsys):
     assert main(["run", "def fib(n):", "--max-new-tokens", "12", "--steps", "4", "--seed", "0", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert 0 < len(data["token_ids"]) <= 12 or data["finish_reason"] == "stop"
+
+
+def test_load_without_a_path_loads_the_bundled_model(tmp_path, monkeypatch):
+    import dgemma.api
+
+    model = dgemma.load()
+    assert str(model.path) == str(dgemma.api.BUNDLED) and model.tokenizer is not None
+    monkeypatch.setattr(dgemma.api, "BUNDLED", tmp_path / "missing")
+    with pytest.raises(ValueError, match="no model given and this install has no bundled model"):
+        dgemma.load()
+    assert main(["run", "x"]) == 2

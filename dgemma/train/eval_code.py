@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..api import Model, load
-from ..cli import _model_path
 from ..engine.ar import ar_generate
 from ..tokenizer import Tokenizer
 from .stdlib import stdlib_files, stdlib_root
@@ -468,7 +467,7 @@ def format_table(report: dict) -> str:
 
 def cmd_eval_code(args) -> int:
     """`dgemma eval-code`: load the model, evaluate, print the table (or one JSON object with --json)."""
-    model = load(_model_path(args.model), device=args.device, dtype=args.dtype)
+    model = load(args.model, device=args.device, dtype=args.dtype)
     report = evaluate(model, limit=args.limit, seed=args.seed, steps=args.steps,
                       max_prefix_tokens=args.max_prefix_tokens, max_new_tokens=args.max_new_tokens,
                       progress=True)
