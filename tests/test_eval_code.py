@@ -135,7 +135,15 @@ def test_evaluate_on_a_tiny_checkpoint_with_a_train_only_baseline(tiny_dir, monk
     monkeypatch.setattr(ec, "most_common_lines", common)
     ec.train_baseline.cache_clear()
     model = dgemma.load(tiny_dir)
-    report = ec.evaluate(model, limit=3, seed=0, steps=3, max_new_tokens=32)
+    seeds = {"infill": [], "generate": []}
+    for name, calls in seeds.items():
+        def record(*args, _call=getattr(model, name), _calls=calls, **kw):
+            _calls.append(kw["seed"])
+            return _call(*args, **kw)
+        monkeypatch.setattr(model, name, record)
+    report = ec.evaluate(model, limit=3, seed=4, steps=3, max_new_tokens=32)
+    # each sample its own sampler seed (infill goes through generate too)
+    assert seeds == {"infill": [4, 5, 6], "generate": [4, 5, 6, 4, 5, 6]}
     assert sorted(splits) == ["heldout", "train"]
     assert baseline_inputs == [real_files("train")]
     table = ec.train_baseline()
