@@ -69,6 +69,8 @@ def test_split_is_disjoint_deterministic_and_keeps_held_out_tests_out():
     assert split_of(root / "test" / "test_os.py") == "train"
     assert split_of(root / "json" / "decoder.py") == "heldout"
     assert split_of(root / "os.py") == "train"
+    library = stdlib_files("library")
+    assert library == [p for p in train if p not in tests] and root / "os.py" in library
     with pytest.raises(ValueError, match="split"):
         stdlib_files("validation")
 

@@ -21,8 +21,9 @@ from .objective import Batch
 
 
 def expand_globs(patterns: list[str], what: str) -> list[Path]:
-    """Sorted files matched by the glob patterns (recursive `**` allowed); "stdlib:train" / "stdlib:heldout" name
-    the running interpreter's standard library split (see stdlib.py). An error names a pattern with no match."""
+    """Sorted files matched by the glob patterns (recursive `**` allowed); "stdlib:train" / "stdlib:heldout" /
+    "stdlib:library" name the running interpreter's standard library split (see stdlib.py). An error names a pattern
+    with no match."""
     files: set[Path] = set()
     for pattern in patterns:
         if pattern.startswith("stdlib:"):

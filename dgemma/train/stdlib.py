@@ -9,7 +9,8 @@ The held-out split is the files of the held-out modules (top-level module = firs
 outside any test suite. The train split is every other corpus file, test suites included (files under a folder named
 `test`, `tests` or `idle_test`: `test/`, `idlelib/idle_test`, `unittest/test`, ...), except the tests of a held-out
 module: a test-suite file with a path component that, less a leading `test_`, begins with a held-out module's name
-(`test/test_csv.py`, `test/test_json/`, `test/test_htmlparser.py`) is in neither split.
+(`test/test_csv.py`, `test/test_json/`, `test/test_htmlparser.py`) is in neither split. The library split is the
+train split without its test suites.
 Listings are sorted by path relative to the root, so they are deterministic for a given interpreter; the scan runs
 once per process. Held-out and train never share a file.
 Must not: tokenize, batch or know about models.
@@ -32,7 +33,7 @@ HELD_OUT_MODULES: tuple[str, ...] = (
     "textwrap",
 )
 
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "heldout", "library")
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 
@@ -42,10 +43,15 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def in_test_suite(path: Path, root: Path | None = None) -> bool:
+    """True for a file under a folder named test, tests or idle_test."""
+    return bool(TEST_DIRS & set(Path(path).relative_to(root or stdlib_root()).parts[:-1]))
+
+
 def split_of(path: Path, root: Path | None = None) -> str | None:
     """"train" or "heldout" for a corpus file, None for the tests of a held-out module (in neither split)."""
     parts = Path(path).relative_to(root or stdlib_root()).parts
-    if not TEST_DIRS & set(parts[:-1]):
+    if not in_test_suite(path, root):
         return "heldout" if parts[0].removesuffix(".py") in HELD_OUT_MODULES else "train"
     names = (part.removesuffix(".py").removeprefix("test_") for part in parts)
     return None if any(name.startswith(HELD_OUT_MODULES) for name in names) else "train"
@@ -78,10 +84,13 @@ def _corpus(root: str) -> tuple[Path, ...]:
 
 
 def stdlib_files(split: str) -> list[Path]:
-    """The sorted corpus files of one split: "train" (everything else) or "heldout" (HELD_OUT_MODULES only)."""
+    """The sorted corpus files of one split: "train" (everything else), "heldout" (HELD_OUT_MODULES only) or
+    "library" (the train files outside the test suites)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     root = stdlib_root()
     if not root.is_dir():
         raise OSError(f"the standard library source folder {root} does not exist")
+    if split == "library":
+        return [p for p in stdlib_files("train") if not in_test_suite(p, root)]
     return [p for p in _corpus(str(root)) if split_of(p, root) == split]
