@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the bundled model (dgemma/assets/model): train from scratch on the standard library with
-# recipes/bundled.toml, extend three times with warm restarts of the cosine schedule (1000 -> 2200 -> 3400 steps,
-# then to 6600 supervising two canvases per sequence), then copy the last checkpoint, without its optimiser state, into
-# the package.
+# recipes/bundled.toml, extend four times with warm restarts of the cosine schedule (1000 -> 2200 -> 3400 steps, then
+# to 6600 supervising two canvases per sequence, then to 10000 adding the test suites to the data and corrupting 40% of
+# blocks as one contiguous span), then copy the last checkpoint, without its optimiser state, into the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1  # on a small shared CPU one thread avoids OpenMP threads spinning against each other
@@ -10,6 +10,8 @@ dgemma train recipes/bundled.toml
 dgemma train recipes/bundled.toml --resume --set train.steps=2200
 dgemma train recipes/bundled.toml --resume --set train.steps=3400
 dgemma train recipes/bundled.toml --resume --set train.steps=6600 --set train.blocks=2
+dgemma train recipes/bundled.toml --resume --set train.steps=10000 --set train.blocks=2 \
+    --set 'data.train=["stdlib:train"]' --set objective.span=0.4
 src="runs/bundled/$(cat runs/bundled/latest)"
 dst=dgemma/assets/model
 rm -rf "$dst" && mkdir -p "$dst"
