@@ -5,7 +5,8 @@ keys/values the decoder reads); each block is corrupted with uniform noise at a 
 decoder's cross-entropy on the clean block tokens (flat mean, optionally weighted by 1/(1 - t)); plus the encoder's
 causal next-token loss on the clean sequence; two-pass self-conditioning with some probability (the first pass
 without gradients); optionally a MoE load-balancing loss. Optionally (`span`) some blocks are corrupted as one
-contiguous span instead, the shape of an infill hole between clean text. Several consecutive blocks per sequence are supported.
+contiguous span instead, the shape of an infill hole between clean text. Several consecutive blocks per sequence are
+supported.
 Must not: own data loading, optimisers or distribution; every random draw comes from the generators handed in.
 """
 
@@ -60,12 +61,13 @@ def corrupt(block: torch.Tensor, t: torch.Tensor, vocab: int, rows: list[torch.G
     uniform where it fits) and the rest kept clean. Returns (noisy block [B, C], each row's noised fraction [B]: t
     for uniform rows, run length / C for span rows)."""
     c = block.shape[1]
+    position = torch.arange(c)
     flips, rates = [], []
     for g, rate in zip(rows, t.tolist()):
         if span > 0 and torch.rand(1, generator=g).item() < span:
             length = int(torch.randint(1, c + 1, (1,), generator=g))
             start = int(torch.randint(0, c - length + 1, (1,), generator=g))
-            flips.append((torch.arange(c) >= start) & (torch.arange(c) < start + length))
+            flips.append((position >= start) & (position < start + length))
             rates.append(length / c)
         else:
             flips.append(torch.rand(c, generator=g) < rate)
