@@ -168,3 +168,26 @@ def test_26b_a4b_int4_resident_weights_fit():
                                ((2048, 2816), "int8", None)]:  # embedding rows
         q = quantize(torch.randn(shape) * 0.02, kind, group)
         assert q.nbytes == quantized_nbytes(shape, kind, group)
+
+
+@pytest.mark.parametrize("kind, group, floor", [("int8", None, 0.999), ("int4", 64, 0.99)])
+def test_bundled_model_logits_cosine_similarity(kind, group, floor):
+    """The shipped model on held-out code (textwrap's source), half its canvas noised: quantized logits stay within
+    the format's cosine floor of the float32 ones."""
+    import textwrap
+
+    import dgemma
+
+    model = dgemma.load()
+    ids = model.tokenizer.encode(open(textwrap.__file__, encoding="utf-8").read()[:3000], add_bos=True)
+    c = model.config.canvas_length
+    prompt = torch.tensor([ids[:200], ids[300:500]])
+    clean = torch.tensor([ids[200:200 + c], ids[500:500 + c]])
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, model.config.vocab_size, clean.shape, generator=gen)
+    canvas = torch.where(torch.rand(clean.shape, generator=gen) < 0.5, noise, clean)
+    ref = model.canvas_logits(prompt, canvas)
+    out = Model(quantize_model(copy.deepcopy(model.net), kind, group)).canvas_logits(prompt, canvas)
+    cos = F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
+    print(f"bundled model, {kind} group {group}: logits cosine similarity {cos:.5f}")
+    assert cos >= floor
