@@ -193,7 +193,8 @@ def cmd_init(args) -> int:
     net = DiffusionGemma(cfg).init_weights(args.seed).to({"float32": torch.float32,
                                                          "bfloat16": torch.bfloat16}[args.dtype])
     tok = Tokenizer.byte_level()
-    out = checkpoint.save(net, GenerationSettings(), args.out, tokenizer=tok if cfg.vocab_size >= tok.vocab_size else None)
+    out = checkpoint.save(net, GenerationSettings(), args.out,
+                          tokenizer=tok if cfg.vocab_size >= tok.vocab_size else None)
     print(f"wrote random {args.preset} checkpoint to {out}")
     return 0
 

@@ -7,9 +7,9 @@ Tasks
   the hole is that newline plus the line (a byte-level BPE tokenizes a newline together with the next line's
   indentation, so this is where training text splits too); the text after the line (from its own newline on) is
   pinned in the canvas right after the hole through `Model.infill`. The hole has exactly the token count of newline
-  + true line: this is length-conditioned infill, the length is given to the model. The first line of the filled text replaces the removed line. Metrics: the rate at which
-  the spliced file parses (`ast.parse`), exact match of the stripped lines, and the mean edit similarity
-  (difflib's SequenceMatcher ratio of the stripped lines).
+  + true line: this is length-conditioned infill, the length is given to the model. The first line of the filled
+  text replaces the removed line. Metrics: the rate at which the spliced file parses (`ast.parse`), exact match of
+  the stripped lines, and the mean edit similarity (difflib's SequenceMatcher ratio of the stripped lines).
   AR mode gets the prefix only and greedily writes as many tokens as the hole has; its first line is taken.
   Baseline: the most common eligible line (stripped) at the removed line's indentation over the TRAIN split,
   re-indented like the removed line.
@@ -24,8 +24,9 @@ Samples are drawn deterministically: every candidate is listed in file and line 
 `random.Random(seed)`, and the first `limit` that fit are kept (infill holes of 1..canvas_length tokens,
 completion bodies of at most max_new_tokens tokens). The diffusion sampler of a task's i-th sample is seeded with
 seed + i: one seed for every sample would give every sample the same starting noise, so the whole rate would move
-with that one draw (on the bundled model, infill parse rates of 0.16 to 0.40 over nine seeds). Speed: tokens per forward (diffusion: generated tokens over
-decoder passes, from the result; AR: one token per forward) and generated tokens per second of model time.
+with that one draw (on the bundled model, infill parse rates of 0.16 to 0.40 over nine seeds). Speed: tokens per
+forward (diffusion: generated tokens over decoder passes, from the result; AR: one token per forward) and generated
+tokens per second of model time.
 Must not: train, or change the model, the sampler or the corpus split.
 """
 
