@@ -129,6 +129,20 @@ def test_resume_when_some_parameters_never_had_a_gradient(tmp_path):
     assert run(cfg, resume=True).history["loss"] == straight.history["loss"]
 
 
+def test_resume_names_the_settings_changed_since_the_checkpoint(tmp_path):
+    cfg = write_config(tmp_path, train={"steps": 2, "save_every": 2, "eval_every": 2})
+    run(cfg)
+    lines = []
+    trainer = Trainer(read_config(cfg, ["train.steps=3", "objective.span=0.5"]), resume=True, log=lines.append)
+    assert trainer.start_step == 2
+    changed = [line for line in lines if line.startswith("resuming")]
+    assert changed == ["resuming step-000002 with settings changed since it was saved: "
+                       "train.steps: 2 -> 3; objective.span: 0.0 -> 0.5"]
+    lines.clear()
+    Trainer(read_config(cfg), resume=True, log=lines.append)
+    assert not any(line.startswith("resuming") for line in lines)
+
+
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     cfg = write_config(tmp_path)
     calls = {"n": 0}

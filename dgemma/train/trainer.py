@@ -147,6 +147,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """"section.key: old -> new" for each setting of `current` (a `TrainConfig.to_dict()`) that differs from
+    `saved` (one as a checkpoint stored it in JSON); a key the checkpoint lacks counts as changed from None."""
+    current = json.loads(json.dumps(current))  # tuples become lists, as in the saved form
+    return [f"{name}.{key}: {json.dumps(saved.get(name, {}).get(key))} -> {json.dumps(value)}"
+            for name, body in current.items() for key, value in body.items()
+            if saved.get(name, {}).get(key) != value]
+
+
 def read_config(path: str | os.PathLike, overrides: list[str] = ()) -> TrainConfig:
     """Parse a TOML (or YAML) config file, then apply `key.sub=value` overrides (values parsed as TOML)."""
     try:
@@ -497,6 +506,9 @@ class Trainer:
         meta = json.loads((path / "trainer_state.json").read_text())
         self.start_step = meta["step"]
         self.history = meta["history"]
+        changes = config_changes(meta["config"], self.cfg.to_dict())
+        if changes and self.rank == 0:
+            self.log(f"resuming {path.name} with settings changed since it was saved: {'; '.join(changes)}")
         return {"path": path, "tensors": load_file(str(path / "trainer_state.safetensors"))}
 
     def _restore_optimizer(self, state: dict) -> None:
