@@ -174,6 +174,19 @@ def test_evaluate_on_a_tiny_checkpoint_with_a_train_only_baseline(tiny_dir, monk
     assert "baseline" in text and "completion" in text and "tok/fwd" in text
 
 
+def test_rates_carry_their_standard_error():
+    tally = ec._Tally()
+    for parse in (1.0, 0.0, 1.0, 1.0):
+        tally.add({"parse": parse})
+    summary = tally.summary(4, timed=False)
+    # sample standard deviation of (1, 0, 1, 1) is 0.5; over sqrt(4) samples: 0.25
+    assert summary == {"n": 4, "parse_rate": 0.75, "parse_rate_stderr": 0.25}
+    one = ec._Tally()
+    one.add({"parse": 1.0})
+    assert one.summary(1, timed=False)["parse_rate_stderr"] is None
+    assert ec._rate(0.75, 0.25) == "0.750±0.250" and ec._rate(1.0, None) == "1.000" and ec._rate(None, None) == "-"
+
+
 def test_cli_prints_one_json_object(tiny_dir, capsys):
     assert main(["eval-code", "--model", str(tiny_dir), "--limit", "2", "--steps", "2", "--max-new-tokens", "32",
                  "--seed", "5", "--json"]) == 0

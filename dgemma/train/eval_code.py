@@ -37,7 +37,9 @@ import difflib
 import functools
 import io
 import json
+import math
 import random
+import statistics
 import sys
 import time
 import tokenize
@@ -328,8 +330,14 @@ class _Tally:
         self.seconds += seconds
 
     def summary(self, n: int, timed: bool) -> dict:
+        """{"n", each metric's mean and its standard error ("<metric>_stderr": the sample standard deviation over
+        sqrt(n); None below 2 samples), and with `timed` the token, time and speed figures}."""
         names = {"parse": "parse_rate", "exact": "exact_match", "similarity": "edit_similarity"}
-        out = {"n": n, **{names[k]: (sum(v) / len(v) if v else None) for k, v in self.scores.items()}}
+        out: dict = {"n": n}
+        for key, values in self.scores.items():
+            out[names[key]] = statistics.fmean(values) if values else None
+            out[names[key] + "_stderr"] = statistics.stdev(values) / math.sqrt(len(values)) \
+                if len(values) > 1 else None
         if timed:
             out["tokens"] = int(round(self.tokens))
             out["seconds"] = round(self.seconds, 4)
@@ -450,21 +458,27 @@ def _cell(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _rate(value, stderr) -> str:
+    """A mean with its standard error: "0.270±0.045" ("-" without a value)."""
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if stderr is None else f"{value:.3f}±{stderr:.3f}"
+
+
 def format_table(report: dict) -> str:
     """The report's metrics as a fixed-width table."""
     cfg = report["config"]
     lines = [f"held-out files {cfg['files']}, seed {cfg['seed']}, steps {cfg['steps']}, "
              f"prefix cap {cfg['max_prefix_tokens']} tokens, completion budget {cfg['max_new_tokens']} tokens",
-             f"{'task':<11}{'mode':<10}{'n':>4}{'parse':>8}{'exact':>8}{'edit':>8}{'tok/fwd':>9}{'tok/s':>10}"]
+             f"{'task':<11}{'mode':<10}{'n':>4}{'parse':>13}{'exact':>13}{'edit':>13}{'tok/fwd':>9}{'tok/s':>10}"]
     for task, modes in (("infill", (*MODES, "baseline")), ("completion", MODES)):
         for mode in modes:
             m = report[task][mode]
-            cells = [_cell(m.get(k), f) for k, f in (("parse_rate", ".3f"), ("exact_match", ".3f"),
-                                                      ("edit_similarity", ".3f"), ("tokens_per_forward", ".2f"),
-                                                      ("tokens_per_second", ".1f"))]
-            lines.append(f"{task:<11}{mode:<10}{m['n']:>4}{cells[0]:>8}{cells[1]:>8}{cells[2]:>8}{cells[3]:>9}"
-                         f"{cells[4]:>10}")
-    lines.append(f"wall time {report['wall_seconds']:.1f} s")
+            rates = [_rate(m.get(k), m.get(k + "_stderr")) for k in ("parse_rate", "exact_match", "edit_similarity")]
+            speed = [_cell(m.get(k), f) for k, f in (("tokens_per_forward", ".2f"), ("tokens_per_second", ".1f"))]
+            lines.append(f"{task:<11}{mode:<10}{m['n']:>4}{rates[0]:>13}{rates[1]:>13}{rates[2]:>13}{speed[0]:>9}"
+                         f"{speed[1]:>10}")
+    lines.append(f"wall time {report['wall_seconds']:.1f} s; ± is one standard error over the samples")
     return "\n".join(lines)
 
 
