@@ -69,6 +69,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def float32_products(monkeypatch):
+    """Quantized products in float32 even on CPUs whose fused path multiplies float32 as bfloat16 (AMX): for tests
+    that compare a quantized model with its dequantized float twin closely."""
+    from dgemma.kernels import dequant_matmul
+
+    monkeypatch.setattr(dequant_matmul, "CPU_BF16", False)
+
+
 @pytest.fixture(scope="session")
 def ckpt_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("ckpts")

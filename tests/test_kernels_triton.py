@@ -106,7 +106,7 @@ def test_grouped_without_rows_and_with_wrong_counts():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind, group", [("int8", None), ("int4", 32)])
-def test_quant_experts_grouped_path_matches_per_expert_path(kind, group, dtype, monkeypatch):
+def test_quant_experts_grouped_path_matches_per_expert_path(kind, group, dtype, monkeypatch, float32_products):
     net = quantize_model(DiffusionGemma(preset("tiny")).init_weights(0).to(dtype), kind, group)
     experts = net.layers[0].experts
     assert isinstance(experts, QuantExperts)

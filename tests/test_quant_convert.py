@@ -138,7 +138,7 @@ def _write_fp8(src, dst, net):
     return twin
 
 
-def test_fp8_compressed_tensors_checkpoint(float_ckpt, tmp_path):
+def test_fp8_compressed_tensors_checkpoint(float_ckpt, tmp_path, float32_products):
     src, net = float_ckpt
     twin = _write_fp8(src, tmp_path / "fp8", net)
     model = dgemma.load(tmp_path / "fp8")

@@ -114,7 +114,7 @@ def _logits(model):
     ({"attn": Q.Q8_0, "mlp": Q.Q8_0, "gate_up": Q.Q8_0, "down": Q.Q8_0, "embed": Q.Q8_0}, True, ("int8", "int8")),
     ({"attn": Q.Q4_0, "mlp": Q.Q5_0, "gate_up": Q.Q4_0, "down": Q.Q4_1, "embed": Q.Q8_0}, False, ("int4", "int4")),
 ])
-def test_gguf_loads_and_matches_the_decoded_weights(tiny_net, tmp_path, types, split, kinds):
+def test_gguf_loads_and_matches_the_decoded_weights(tiny_net, tmp_path, types, split, kinds, float32_products):
     path = tmp_path / "model.gguf"
     twin = write_gguf(path, tiny_net, types, split_experts=split)
     model = dgemma.load(path)
