@@ -9,7 +9,8 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     StableAndConfidentStoppingCriteria,
 )
 
-from dgemma.sampling import StopRule, denoise_step, entropy_bound_accept, token_entropy
+from dgemma import sampling
+from dgemma.sampling import StopRule, denoise_step, entropy_bound_accept, sample, token_entropy
 
 B, C, V, N = 3, 16, 50, 12
 
@@ -82,3 +83,23 @@ def test_pinned_positions_are_held_and_free():
     assert (step.entropy[pinned] == 0).all() and step.accepted[pinned].all()
     # Free positions still accept at least one token of their own.
     assert step.accepted[~pinned].any()
+
+
+@pytest.mark.parametrize("vocab, scale", [(1, 1.0), (7, 0.1), (2048, 3.0), (32768, 8.0)])
+def test_sample_is_torch_multinomial_draw_for_draw(vocab, scale):
+    """Same indices and the same generator state after, so every later draw (renoise ids, the next step) agrees too;
+    rows include zero probabilities (masked logits), and the global generator is used alike."""
+    assert sampling._draws_match_multinomial()  # the fast path is the one under test on this PyTorch
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(37, vocab, generator=gen) * scale
+    logits[::3, : vocab // 2] = float("-inf")
+    probs = torch.softmax(logits, dim=-1)
+    for seed in range(3):
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        assert torch.equal(sample(probs, ours), torch.multinomial(probs, 1, generator=theirs).squeeze(-1))
+        assert torch.equal(ours.get_state(), theirs.get_state())
+    torch.manual_seed(5)
+    ours = sample(probs, None)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(ours, torch.multinomial(probs, 1).squeeze(-1)) and torch.equal(after, torch.rand(3))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.diffusion_gemma import DiffusionGemma
+from ..sampling import sample
 from . import graphs
 from .cache import StaticKVCache
 from .generate import pad_prompts, prompt_rows
@@ -102,7 +103,7 @@ def ar_generate(net: DiffusionGemma, prompt_ids, max_new_tokens: int, *, tempera
     while True:
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator)[:, 0]  # [B]
+            token = sample(probs, generator)  # [B]
         else:
             token = logits.argmax(dim=-1)  # [B]
         running = running & ~torch.isin(token, stop)
