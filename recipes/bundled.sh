@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Reproduces the bundled model (dgemma/assets/model): train from scratch on the standard library with
-# recipes/bundled.toml, extend four times with warm restarts of the cosine schedule (1000 -> 2200 -> 3400 steps, then
+# recipes/bundled.toml, extend five times with warm restarts of the cosine schedule (1000 -> 2200 -> 3400 steps, then
 # to 6600 supervising two canvases per sequence, then to 10000 adding the test suites to the data and corrupting 40% of
-# blocks as one contiguous span), then copy the last checkpoint, without its optimiser state, into the package.
+# blocks as one contiguous span, then to 16400), then copy the last checkpoint, without its optimiser state, into the
+# package. (The shipped model ran steps 10000-10300 on a schedule to 16000, steps 10300-11400 in two data-parallel
+# processes on schedules to 20000, then 18000, and went on from step 11400 as below.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1  # on a small shared CPU one thread avoids OpenMP threads spinning against each other
@@ -12,10 +14,13 @@ dgemma train recipes/bundled.toml --resume --set train.steps=3400
 dgemma train recipes/bundled.toml --resume --set train.steps=6600 --set train.blocks=2
 dgemma train recipes/bundled.toml --resume --set train.steps=10000 --set train.blocks=2 \
     --set 'data.train=["stdlib:train"]' --set objective.span=0.4
+dgemma train recipes/bundled.toml --resume --set train.steps=16400 --set train.blocks=2 \
+    --set 'data.train=["stdlib:train"]' --set objective.span=0.4
 src="runs/bundled/$(cat runs/bundled/latest)"
 dst=dgemma/assets/model
 rm -rf "$dst" && mkdir -p "$dst"
-for f in config.json generation_config.json model.safetensors tokenizer.json tokenizer_config.json chat_template.jinja; do
+for f in config.json generation_config.json model.safetensors tokenizer.json tokenizer_config.json \
+    chat_template.jinja; do
     cp "$src/$f" "$dst/"
 done
 # Generation defaults for the bundled model: 48 steps (more than its 32-token canvas) and 128 new tokens.
