@@ -8,12 +8,14 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
 from dgemma.config import preset
-from dgemma.kernels import dequant_matmul, triton_dequant
+from dgemma.kernels import dequant_matmul, triton_dequant, triton_norm
 from dgemma.model.diffusion_gemma import DiffusionGemma
+from dgemma.model.layers import rms_norm
 from dgemma.quant.formats import QTensor, quantize
 from dgemma.quant.modules import QuantExperts, quantize_model
 
@@ -50,6 +52,21 @@ def test_matches_reference(kind, group, n, k, dtype):
     assert q.group_size == (group or k)
     for m in (1, 3, 37):
         _check(_randn(m, k, seed=m).to(dtype), q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_float_weights_match_plain_products(dtype):
+    """A weight in the input's dtype goes through the same tiles, undecoded: linear and grouped."""
+    w = (_randn(3, 70, 96, seed=8) * 0.02).to(dtype)  # [E, N, K]
+    for m in (1, 37):
+        x = _randn(2, m, 96, seed=m).to(dtype)
+        _close(triton_dequant.linear(x, w[0]), F.linear(x.float(), w[0].float()).to(dtype), dtype)
+    counts = [17, 0, 5]
+    xs = _randn(sum(counts), 96, seed=9).to(dtype)
+    ref = torch.cat([F.linear(part.float(), w[e].float()) for e, part in enumerate(xs.split(counts))]).to(dtype)
+    _close(triton_dequant.grouped_linear(xs, torch.tensor(counts), w), ref, dtype)
+    with pytest.raises(ValueError, match="in the input's dtype"):
+        triton_dequant.linear(_randn(1, 96, seed=1).to(dtype), w[0].double())
 
 
 def test_int8_half_scales_and_strided_3d_input():
@@ -117,3 +134,17 @@ def test_quant_experts_grouped_path_matches_per_expert_path(kind, group, dtype, 
     per_expert = experts(x, weights, index)  # CPU tensors: `_mlp` takes the per-expert path
     monkeypatch.setattr(experts, "_mlp", experts._grouped_mlp)
     _close(experts(x, weights, index), per_expert, dtype, products=2)  # gate_up's output feeds down
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d", [88, 256])
+def test_fused_norm_matches_the_pytorch_norm(d, dtype):
+    """One launch per norm == the unfused float32 arithmetic, with and without weight and residual (on CPU tensors
+    `rms_norm` itself takes the PyTorch path)."""
+    x = (_randn(3, 5, d, seed=d) * 3).to(dtype)
+    weight = (1 + _randn(d, seed=1) * 0.1).to(dtype)
+    residual = _randn(3, 5, d, seed=2).to(dtype)
+    for w, r in [(None, None), (weight, None), (weight, residual), (None, residual)]:
+        _close(triton_norm.rms_norm(x, w, 1e-6, r), rms_norm(x, w, 1e-6, r), dtype)
+    with pytest.raises(ValueError, match="weight has shape"):
+        triton_norm.rms_norm(x, weight[:-1], 1e-6)

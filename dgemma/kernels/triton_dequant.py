@@ -1,15 +1,23 @@
-"""Triton kernels for y = x @ W^T with int8 or int4 `QTensor` weights, dequantizing each weight tile inside the matmul.
+"""Triton kernels for y = x @ W^T where W is int8 or int4 (a `QTensor`, decoded tile by tile inside the matmul) or a
+plain float weight in x's dtype; one 2-D weight (`linear`) or stacked expert weights (`grouped_linear`).
 
 Owns `available`, `linear` (one 2-D weight) and `grouped_linear` (stacked expert weights [E, N, K], each applied to
-its own consecutive rows of x, all experts in one launch).
-Each program computes one [BLOCK_M, BLOCK_N] tile of y (`_tile`, shared by both kernels). For each step of BLOCK_K
-inputs it loads the x tile, the codes of the weight tile, and for every input the scale (and int4 offset) of its group,
-forms the weights in float32 (code * scale + offset), rounds them to x's dtype (as `dequantize(q, x.dtype)` does) and
-adds their product with `tl.dot` to a float32 accumulator; y is written in x's dtype. Layout read (see
-`dgemma.quant.formats`): int8 codes [N, K] with scale [N, K // G] (any G that divides K, G = K being one scale per
-row); int4 codes uint8 [N, K // 2] where, within each group of G inputs, byte j holds input j in its low nibble and
-input j + G/2 in its high nibble, scale and offset [N, K // G]. Block edges over M, N and K are masked, so no size
-needs to be a multiple of a block, and a group may straddle two K steps (G = 88).
+its own consecutive rows of x, all experts in one launch), and the launch shapes (`TILES`).
+Each program computes one [BLOCK_M, BLOCK_N] tile of y (`_tile`, shared by both kernels), streaming its BLOCK_N rows
+of W along K: the weights read decide the time when few rows of x meet each weight (a denoising step at batch 1 gives
+each of 128 experts about 16 rows), so W tiles are read as stored, [BLOCK_N, K-block] with K contiguous, and multiplied
+with `tl.dot` into a float32 accumulator; y is written in x's dtype. Codes are small integers, exact in any float
+dtype, so the kernels multiply x by the codes and apply scales (and offsets) to the float32 sums, never forming a
+decoded weight: the same products as dequantize-then-matmul, without its rounding of each weight to x's dtype.
+Layouts read (see `dgemma.quant.formats`):
+- float: W [N, K] in x's dtype.
+- int8: codes [N, K], scale [N, K // G]. One scale per row (G = K) multiplies the row's whole sum; smaller groups
+  (imported blocks) are decoded per element to x's dtype before the product instead.
+- int4: codes uint8 [N, K // 2]; within each group of G inputs byte j holds input j in its low nibble and input
+  j + G/2 in its high nibble; scale and offset [N, K // G]. A K-step is one group: the G/2 bytes (padded to a power
+  of two and masked when G/2 is not one, as for G = 88) give the low nibbles, multiplied with x's first half-group,
+  and the high ones, with the second; the group's sum s of x * code becomes s * scale + sum(x) * offset.
+Edges over M, N, K and groups are masked, so no size needs to be a multiple of a block.
 Grouped: the m-tiles of all experts are numbered in expert order (expert e has cdiv(counts[e], BLOCK_M)); program t
 reads all E counts and finds its expert and rows itself, so there is no host sync and no extra launch, and an empty
 expert gets no program. The grid is sized from a bound known on the host, (P + min(E, P) * (BLOCK_M - 1)) // BLOCK_M
@@ -23,80 +31,94 @@ Must not: handle fp8 weights, know modules or checkpoints, or choose between its
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 
 from ..quant.formats import QTensor
+from . import interpreting, triton_available
 
 triton = tl = None  # imported with the kernels' first launch, so importing dgemma never imports Triton
 
-KINDS = ("int8", "int4")
-BLOCK_N = 64
-BLOCK_K = 64
+KINDS = ("int8", "int4")  # the quantized kinds the kernels decode; plain float weights are taken too
+_FLOAT, _INT8, _INT4 = 0, 1, 2
+# Launch shape per weight kind: BLOCK_N weight rows per program, about BLOCK_K inputs per K-step, and Triton's warps
+# and pipeline stages. BLOCK_M follows the rows of x per weight (`_block_m`).
+# Chosen by timing a 26b-a4b layer's experts at batch 1 on an H200 (2048 token-expert rows over 128 experts).
+TILES = {"float": {"BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+         "int8": {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 5},
+         "int4": {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 5}}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+available = triton_available
 
 
-def available(x: torch.Tensor) -> bool:
-    """Whether the kernels can run on `x`: Triton is installed and x is on a GPU, or the Triton interpreter is on."""
-    return (x.is_cuda or _interpreting()) and importlib.util.find_spec("triton") is not None
-
-
-def _tile(x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, rm, rn, M, N, K, G,
-          stride_xm, stride_xk, stride_codes, stride_scale, stride_y,
-          INT4: tl.constexpr, FLOAT32_DOT: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Writes y[rm, rn] = x[rm] @ W[rn]^T for the rows rm < M and the columns rn < N, W [N, K] decoded tile by tile."""
-    w_rows = rn.to(tl.int64)[None, :]  # [1, BLOCK_N]
+def _tile(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, rm, rn, M, N, K, G, stride_x, stride_w, stride_scale, stride_y,
+          KIND: tl.constexpr, PER_ROW: tl.constexpr, HALF: tl.constexpr,
+          FLOAT32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Writes y[rm, rn] = x[rm] @ W[rn]^T for the rows rm < M and the columns rn < N."""
     x_rows = rm.to(tl.int64)[:, None]  # [BLOCK_M, 1]; 64-bit, as M x N passes 2^31 for a large head
+    w_rows = rn.to(tl.int64)[:, None]  # [BLOCK_N, 1]
+    m_ok = rm[:, None] < M
+    n_ok = rn[:, None] < N
+    dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K] inputs
-        x_mask = (rm[:, None] < M) & (rk[None, :] < K)
-        x = tl.load(x_ptr + x_rows * stride_xm + rk[None, :] * stride_xk, mask=x_mask, other=0.0)  # [BM, BK]
-        w_mask = (rk[:, None] < K) & (rn[None, :] < N)  # [BLOCK_K, BLOCK_N]; W is read transposed
-        group = rk // G  # [BLOCK_K]
-        scale_at = scale_ptr + w_rows * stride_scale + group[:, None]
-        if INT4:
-            half = G // 2
-            within = rk % G
-            byte = group * half + within % half  # [BLOCK_K] byte holding each input
-            shift = (within // half) * 4  # 0: low nibble (first half of the group), 4: high nibble
-            packed = tl.load(codes_ptr + w_rows * stride_codes + byte[:, None], mask=w_mask, other=0)
-            code = (packed.to(tl.int32) >> shift[:, None]) & 15
-            offset = tl.load(offset_ptr + w_rows * stride_scale + group[:, None], mask=w_mask, other=0.0)
-            w = code.to(tl.float32) * tl.load(scale_at, mask=w_mask, other=0.0).to(tl.float32) + offset.to(tl.float32)
-        else:
-            code = tl.load(codes_ptr + w_rows * stride_codes + rk[:, None], mask=w_mask, other=0)
-            w = code.to(tl.float32) * tl.load(scale_at, mask=w_mask, other=0.0).to(tl.float32)
-        w = w.to(x_ptr.dtype.element_ty)  # [BLOCK_K, BLOCK_N], rounded like dequantize(q, x.dtype)
-        if FLOAT32_DOT:
-            # The interpreter's dot multiplies bfloat16 operands as their raw bits; in float32 the products of
-            # bfloat16 values are exact, so only the order of the float32 sums differs from a bfloat16 dot.
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision="ieee")
-    y_mask = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(y_ptr + x_rows * stride_y + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    if KIND == 2:  # int4: one group per K-step, its product scaled and offset after the dot
+        half = G // 2
+        j = tl.arange(0, HALF)[None, :]  # [1, HALF] byte within the half-group
+        j_ok = j < half
+        for g in range(0, K // G):
+            packed = tl.load(w_ptr + w_rows * stride_w + g * half + j, mask=n_ok & j_ok, other=0)  # [BN, HALF]
+            x_at = x_ptr + x_rows * stride_x + g * G + j  # [BLOCK_M, HALF]: inputs of the low nibbles
+            x_low = tl.load(x_at, mask=m_ok & j_ok, other=0.0)
+            x_high = tl.load(x_at + half, mask=m_ok & j_ok, other=0.0)
+            # Codes 0..15, exact in any float dtype (through float32: the interpreter mis-converts ints to bfloat16).
+            low, high = (packed & 15).to(tl.float32).to(dtype), (packed >> 4).to(tl.float32).to(dtype)
+            if FLOAT32_DOT:
+                # The interpreter's dot multiplies bfloat16 operands as their raw bits; in float32 the products of
+                # bfloat16 values are exact, so only the order of the float32 sums differs from a bfloat16 dot.
+                low, high, x_low, x_high = low.to(tl.float32), high.to(tl.float32), x_low.to(tl.float32), \
+                    x_high.to(tl.float32)
+            part = tl.dot(x_low, tl.trans(low), input_precision="ieee")  # [BLOCK_M, BLOCK_N] sum of x * code
+            part = tl.dot(x_high, tl.trans(high), part, input_precision="ieee")
+            at = rn.to(tl.int64) * stride_scale + g  # [BLOCK_N]
+            scale = tl.load(scale_ptr + at, mask=rn < N, other=0.0).to(tl.float32)
+            offset = tl.load(offset_ptr + at, mask=rn < N, other=0.0).to(tl.float32)
+            x_sum = tl.sum(x_low.to(tl.float32) + x_high.to(tl.float32), 1)  # [BLOCK_M]
+            acc += part * scale[None, :] + x_sum[:, None] * offset[None, :]  # x . (code * scale + offset)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)[None, :]  # [1, BLOCK_K] inputs
+            x = tl.load(x_ptr + x_rows * stride_x + rk, mask=m_ok & (rk < K), other=0.0)  # [BLOCK_M, BLOCK_K]
+            w_ok = n_ok & (rk < K)
+            w = tl.load(w_ptr + w_rows * stride_w + rk, mask=w_ok, other=0)  # [BLOCK_N, BLOCK_K]
+            if KIND == 1:
+                if PER_ROW:  # int8 codes are exact in any float dtype; the row's scale comes after the sum
+                    w = w.to(tl.float32).to(dtype)
+                else:
+                    scale = tl.load(scale_ptr + w_rows * stride_scale + rk // G, mask=w_ok, other=0.0).to(tl.float32)
+                    w = (w.to(tl.float32) * scale).to(dtype)
+            if FLOAT32_DOT:  # see the int4 branch
+                x, w = x.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        if KIND == 1 and PER_ROW:
+            row_scale = tl.load(scale_ptr + rn.to(tl.int64) * stride_scale, mask=rn < N, other=0.0)  # [BLOCK_N]
+            acc = acc * row_scale.to(tl.float32)[None, :]
+    tl.store(y_ptr + x_rows * stride_y + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok & (rn[None, :] < N))
 
 
-def _dequant_matmul_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, M, N, K, G,
-                           stride_xm, stride_xk, stride_codes, stride_scale, stride_y,
-                           INT4: tl.constexpr, FLOAT32_DOT: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _linear_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, M, N, K, G, stride_x, stride_w, stride_scale, stride_y,
+                   KIND: tl.constexpr, PER_ROW: tl.constexpr, HALF: tl.constexpr,
+                   FLOAT32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows of x and y
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] rows of W, columns of y
-    _tile(x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, rm, rn, M, N, K, G,
-          stride_xm, stride_xk, stride_codes, stride_scale, stride_y, INT4, FLOAT32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
+    _tile(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, rm, rn, M, N, K, G, stride_x, stride_w, stride_scale, stride_y,
+          KIND, PER_ROW, HALF, FLOAT32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
-def _grouped_kernel(x_ptr, counts_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, E, N, K, G,
-                    stride_xm, stride_xk, stride_codes_e, stride_codes, stride_scale_e, stride_scale, stride_y,
-                    INT4: tl.constexpr, FLOAT32_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
+def _grouped_kernel(x_ptr, counts_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, E, N, K, G,
+                    stride_x, stride_w_e, stride_w, stride_scale_e, stride_scale, stride_y,
+                    KIND: tl.constexpr, PER_ROW: tl.constexpr, HALF: tl.constexpr,
+                    FLOAT32_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     experts = tl.arange(0, BLOCK_E)  # [BLOCK_E]
     counts = tl.load(counts_ptr + experts, mask=experts < E, other=0).to(tl.int32)  # [BLOCK_E] rows per expert
@@ -113,9 +135,10 @@ def _grouped_kernel(x_ptr, counts_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, 
     rm = start + (t - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows of x and y
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] rows of W[expert], columns of y
     e64 = expert.to(tl.int64)
-    _tile(x_ptr, codes_ptr + e64 * stride_codes_e, scale_ptr + e64 * stride_scale_e,
-          offset_ptr + e64 * stride_scale_e if INT4 else offset_ptr, y_ptr, rm, rn, stop, N, K, G,
-          stride_xm, stride_xk, stride_codes, stride_scale, stride_y, INT4, FLOAT32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
+    _tile(x_ptr, w_ptr + e64 * stride_w_e, scale_ptr + e64 * stride_scale_e if KIND != 0 else scale_ptr,
+          offset_ptr + e64 * stride_scale_e if KIND == 2 else offset_ptr, y_ptr, rm, rn, stop, N, K, G,
+          stride_x, stride_w, stride_scale, stride_y, KIND, PER_ROW, HALF, FLOAT32_DOT,
+          BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @functools.cache
@@ -127,59 +150,71 @@ def _kernels():
     import triton.language as tl
 
     _tile = triton.jit(_tile)
-    return triton.jit(_dequant_matmul_kernel), triton.jit(_grouped_kernel)
+    return triton.jit(_linear_kernel), triton.jit(_grouped_kernel)
 
 
-def _check(q: QTensor, dims: int, k: int) -> None:
-    if q.kind not in KINDS or q.codes.dim() != dims:
-        raise ValueError(f"the Triton kernel takes {dims}-D int8 or int4 weights, got {q.kind} {tuple(q.shape)}")
-    if q.in_features != k:
-        raise ValueError(f"input has {k} features, the weight expects {q.in_features}")
+def _operands(x: torch.Tensor, w: QTensor | torch.Tensor, dims: int):
+    """-> (codes or weight, scale, offset, group size, compile-time arguments) for weight `w` against input `x`."""
+    if isinstance(w, QTensor):
+        if w.kind not in KINDS or w.codes.dim() != dims:
+            raise ValueError(f"the Triton kernel takes {dims}-D int8 or int4 weights, got {w.kind} {tuple(w.shape)}")
+        codes, scale = w.codes.contiguous(), w.scale.contiguous()  # codes [.., N, K or K // 2], scale [.., N, K // G]
+        offset = None if w.offset is None else w.offset.contiguous()  # int4 only
+        kind, group, tile = (_INT4 if w.kind == "int4" else _INT8), w.group_size, TILES[w.kind]
+    else:
+        if w.dim() != dims or w.dtype != x.dtype:
+            raise ValueError(f"the Triton kernel takes a {dims}-D weight in the input's dtype {x.dtype}, got "
+                             f"{w.dtype} {tuple(w.shape)}")
+        codes, scale, offset, kind, group, tile = w.contiguous(), None, None, _FLOAT, w.shape[-1], TILES["float"]
+    k = w.shape[-1]
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight expects {k}")
+    half = triton.next_power_of_2(group // 2) if kind == _INT4 else 1
+    flags = {"KIND": kind, "PER_ROW": group == k, "HALF": half,
+             "FLOAT32_DOT": interpreting() and x.dtype == torch.bfloat16, "BLOCK_N": tile["BLOCK_N"],
+             "BLOCK_K": tile["BLOCK_K"]}
+    if not interpreting():
+        flags.update(num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+    return codes, scale, offset, group, flags
 
 
-def _flags(x: torch.Tensor, q: QTensor) -> dict:
-    """The compile-time arguments both kernels take, BLOCK_M aside."""
-    return {"INT4": q.kind == "int4", "FLOAT32_DOT": _interpreting() and x.dtype == torch.bfloat16,
-            "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}
+def _block_m(rows_per_weight: float) -> int:
+    return 16 if rows_per_weight <= 16 else 32 if rows_per_weight <= 32 else 64
 
 
-def linear(x: torch.Tensor, q: QTensor) -> torch.Tensor:
-    """x [..., K] @ W[N, K]^T -> [..., N] in x's dtype, for a 2-D int8 or int4 QTensor on x's device; needs
-    `available(x)`."""
-    _check(q, 2, x.shape[-1])
-    n, k = q.shape
-    flat = x.reshape(-1, k)  # [M, K]
-    m = flat.shape[0]
-    codes, scale = q.codes.contiguous(), q.scale.contiguous()  # codes [N, K or K // 2], scale [N, K // G]
-    offset = None if q.offset is None else q.offset.contiguous()  # [N, K // G], int4 only
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
-    block_m = 16 if m <= 16 else 64
+def linear(x: torch.Tensor, w: QTensor | torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ W[N, K]^T -> [..., N] in x's dtype, for a 2-D int8 or int4 QTensor or a float weight in x's dtype,
+    on x's device; needs `available(x)`."""
     kernel = _kernels()[0]
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, BLOCK_N))
-    kernel[grid](flat, codes, scale, offset, y, m, n, k, q.group_size,
-                 flat.stride(0), flat.stride(1), codes.stride(0), scale.stride(0), y.stride(0),
-                 BLOCK_M=block_m, **_flags(x, q))
+    codes, scale, offset, group, flags = _operands(x, w, 2)
+    n, k = w.shape
+    flat = x.reshape(-1, k).contiguous()  # [M, K]
+    m = flat.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
+    block_m = _block_m(m)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, flags["BLOCK_N"]))
+    kernel[grid](flat, codes, scale, offset, y, m, n, k, group, flat.stride(0), codes.stride(0),
+                 0 if scale is None else scale.stride(0), y.stride(0), BLOCK_M=block_m, **flags)
     return y.view(*x.shape[:-1], n)
 
 
-def grouped_linear(xs: torch.Tensor, counts: torch.Tensor, q: QTensor) -> torch.Tensor:
+def grouped_linear(xs: torch.Tensor, counts: torch.Tensor, w: QTensor | torch.Tensor) -> torch.Tensor:
     """xs [P, K] -> [P, N] in xs's dtype: the counts[e] consecutive rows from sum(counts[:e]) on times W[e]^T, for a
-    3-D int8 or int4 QTensor W [E, N, K] on xs's device and integer counts [E] summing to P (rows past the sum are
-    left unwritten). One launch, no host sync; needs `available(xs)`."""
-    _check(q, 3, xs.shape[-1])
-    e, n, k = q.shape
+    3-D int8 or int4 QTensor or a float weight W [E, N, K] in xs's dtype, on xs's device, and integer counts [E]
+    summing to P (rows past the sum are left unwritten). One launch, no host sync; needs `available(xs)`."""
+    kernel = _kernels()[1]
+    codes, scale, offset, group, flags = _operands(xs, w, 3)
+    e, n, k = w.shape
     p = xs.shape[0]
     if counts.shape != (e,):
         raise ValueError(f"counts has shape {tuple(counts.shape)}, the weight has {e} experts")
+    xs = xs.contiguous()
     y = torch.empty(p, n, dtype=xs.dtype, device=xs.device)  # [P, N]
-    codes, scale = q.codes.contiguous(), q.scale.contiguous()  # codes [E, N, K or K // 2], scale [E, N, K // G]
-    offset = None if q.offset is None else q.offset.contiguous()  # [E, N, K // G], int4 only
-    block_m = 16 if p <= 16 * e else 64  # by the mean rows per expert
+    block_m = _block_m(p / e)  # by the mean rows per expert
     # Each non-empty expert leaves at most BLOCK_M - 1 rows of its last tile empty.
-    kernel = _kernels()[1]
-    grid = ((p + min(e, p) * (block_m - 1)) // block_m, triton.cdiv(n, BLOCK_N))
-    kernel[grid](xs, counts.contiguous(), codes, scale, offset, y, e, n, k, q.group_size,
-                 xs.stride(0), xs.stride(1), codes.stride(0), codes.stride(1), scale.stride(0),
-                 scale.stride(1), y.stride(0), BLOCK_E=triton.next_power_of_2(e), BLOCK_M=block_m,
-                 **_flags(xs, q))
+    grid = ((p + min(e, p) * (block_m - 1)) // block_m, triton.cdiv(n, flags["BLOCK_N"]))
+    kernel[grid](xs, counts.contiguous(), codes, scale, offset, y, e, n, k, group,
+                 xs.stride(0), codes.stride(0), codes.stride(1), 0 if scale is None else scale.stride(0),
+                 0 if scale is None else scale.stride(1), y.stride(0), BLOCK_E=triton.next_power_of_2(e),
+                 BLOCK_M=block_m, **flags)
     return y

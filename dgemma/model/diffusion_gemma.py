@@ -41,7 +41,7 @@ class Layer(nn.Module):
         q, k, v = self.self_attn.project(self.input_layernorm(x), cos, sin)
         if past_k is not None:
             k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        x = x + self.post_attention_layernorm(self.self_attn.attend(q, k, v, mask))
+        x = self.post_attention_layernorm(self.self_attn.attend(q, k, v, mask), residual=x)
 
         residual = x
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(residual)))
@@ -49,7 +49,7 @@ class Layer(nn.Module):
         weights, index = self.router(flat)
         moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, index).reshape(residual.shape)
         moe = self.post_feedforward_layernorm_2(moe)
-        x = residual + self.post_feedforward_layernorm(dense + moe)
+        x = self.post_feedforward_layernorm(dense + moe, residual=residual)
         return x * scalar, k, v
 
 

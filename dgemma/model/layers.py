@@ -7,20 +7,32 @@ Must not: know about caches, canvases, sampling or files. Attention takes ready 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import SLIDING, ModelConfig, RopeConfig
+from ..kernels import triton_available, triton_norm
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """x * (mean(x^2) + eps)^-0.5 [* weight], computed in float32, returned in x's dtype."""
+# Whether norms on a GPU run as one Triton launch each (`kernels.triton_norm`) where no gradient is needed.
+FUSED_NORM = True
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """[residual +] x * (mean(x^2) + eps)^-0.5 [* weight], computed in float32, returned in x's dtype (the residual
+    is added after that rounding, as `residual + rms_norm(x)` would)."""
+    if FUSED_NORM and x.is_cuda and not torch.is_grad_enabled() and triton_available(x):
+        return triton_norm.rms_norm(x, weight, eps, residual)
     xf = x.float()
     out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
     if weight is not None:
         out = out * weight.float()
-    return out.type_as(x)
+    out = out.type_as(x)
+    return out if residual is None else residual + out
 
 
 class RMSNorm(nn.Module):
@@ -29,8 +41,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if with_weight else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -134,13 +146,18 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[index], index
 
 
-# How Experts runs its matmuls: "grouped" (one torch._grouped_mm per projection over all experts, where this build
-# and the shapes allow it), "loop" (one matmul per expert: the plain reference path), or "auto" (grouped if possible).
-EXPERTS_IMPL = "auto"
+# How Experts runs its matmuls: "triton" (one launch per projection over all experts, `kernels.triton_dequant`, on a
+# GPU with Triton), "grouped" (one torch._grouped_mm per projection, where this build and the shapes allow it), "loop"
+# (one matmul per expert: the plain reference path), or "auto" (triton, else grouped, else loop). All give the same
+# numbers up to the order of float32 sums. The environment's DGEMMA_EXPERTS sets it.
+EXPERTS_IMPLS = ("auto", "triton", "grouped", "loop")
+EXPERTS_IMPL = os.environ.get("DGEMMA_EXPERTS", "auto")
+if EXPERTS_IMPL not in EXPERTS_IMPLS:
+    raise ValueError(f"DGEMMA_EXPERTS={EXPERTS_IMPL!r}; choose one of {', '.join(EXPERTS_IMPLS)}")
 
 
 def _grouped_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    if EXPERTS_IMPL == "loop" or not hasattr(torch, "_grouped_mm"):
+    if EXPERTS_IMPL not in ("auto", "grouped") or not hasattr(torch, "_grouped_mm"):
         return False
     # The kernel needs 16-byte aligned rows and a 32- or 16-bit float type; on GPUs it wants bfloat16.
     aligned = all(w.shape[-1] * w.element_size() % 16 == 0 and w.shape[-2] * w.element_size() % 16 == 0
@@ -149,10 +166,26 @@ def _grouped_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return aligned and x.dtype in dtypes
 
 
+def triton_ok(x: torch.Tensor) -> bool:
+    """Whether experts on `x` run through the Triton kernels (a GPU with Triton, unless EXPERTS_IMPL says not)."""
+    from ..kernels import triton_dequant  # here, not at the top: the kernels' module imports the quant package
+
+    return EXPERTS_IMPL in ("auto", "triton") and x.is_cuda and triton_dequant.available(x)
+
+
+def triton_mlp(xs: torch.Tensor, counts: torch.Tensor, gate_up, down) -> torch.Tensor:
+    """xs [P, H] grouped by expert with counts [E] -> [P, H] through one Triton launch per product; gate_up
+    [E, 2I, H] and down [E, H, I] are float weights in xs's dtype or int8/int4 QTensors."""
+    from ..kernels import triton_dequant
+
+    gate, up = triton_dequant.grouped_linear(xs, counts, gate_up).chunk(2, dim=-1)  # [P, I] each
+    return triton_dequant.grouped_linear(F.gelu(gate, approximate="tanh") * up, counts, down)
+
+
 class Experts(nn.Module):
     """E gated experts stored as gate_up_proj [E, 2I, H] and down_proj [E, H, I]. Token-expert pairs are sorted by
     (expert, top-k slot, token), the reference's order, so each expert multiplies all of its tokens at once: in one
-    grouped matmul over every expert, or expert by expert (see EXPERTS_IMPL); both give the same numbers."""
+    launch over every expert, or expert by expert (see EXPERTS_IMPL)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -162,6 +195,8 @@ class Experts(nn.Module):
 
     def _mlp(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs [P, H] grouped by expert with counts [E] -> [P, H]."""
+        if triton_ok(xs):
+            return triton_mlp(xs, counts, self.gate_up_proj, self.down_proj)
         if _grouped_ok(xs, self.gate_up_proj, self.down_proj):
             offsets = counts.cumsum(0).to(torch.int32)
             gate, up = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)

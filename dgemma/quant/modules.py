@@ -29,7 +29,7 @@ from ..config import ModelConfig
 from ..kernels import dequant_matmul as kernels
 from ..kernels import triton_dequant
 from ..model.diffusion_gemma import DiffusionGemma
-from ..model.layers import Experts
+from ..model.layers import Experts, triton_mlp
 from .formats import QTensor, dequantize, quantize
 
 _LINEAR = re.compile(r"(layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)|"
@@ -181,9 +181,7 @@ class QuantExperts(_Quantized, Experts):
 
     def _grouped_mlp(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """`_mlp` with one grouped Triton launch per product; both weights int8/int4, needs `available(xs)`."""
-        hidden = triton_dequant.grouped_linear(xs, counts, self.qtensor("gate_up_proj"))  # [P, 2I]
-        gate, up = hidden.chunk(2, dim=-1)  # [P, I] each
-        return triton_dequant.grouped_linear(F.gelu(gate, approximate="tanh") * up, counts, self.qtensor("down_proj"))
+        return triton_mlp(xs, counts, self.qtensor("gate_up_proj"), self.qtensor("down_proj"))
 
 
 class QuantEmbedding(_Quantized, nn.Module):
