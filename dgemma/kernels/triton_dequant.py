@@ -44,9 +44,10 @@ _FLOAT, _INT8, _INT4 = 0, 1, 2
 # Launch shape per weight kind: BLOCK_N weight rows per program, about BLOCK_K inputs per K-step, and Triton's warps
 # and pipeline stages. BLOCK_M follows the rows of x per weight (`_block_m`).
 # Chosen by timing a 26b-a4b layer's experts at batch 1 on an H200 (2048 token-expert rows over 128 experts).
+# int4 takes one group per K-step whatever BLOCK_K says.
 TILES = {"float": {"BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
-         "int8": {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 5},
-         "int4": {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 5}}
+         "int8": {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+         "int4": {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}}
 
 
 available = triton_available
