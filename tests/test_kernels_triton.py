@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 from dgemma.config import preset
 from dgemma.kernels import dequant_matmul, triton_dequant, triton_norm
 from dgemma.model.diffusion_gemma import DiffusionGemma
-from dgemma.model.layers import rms_norm
+from dgemma.model.layers import apply_rope, rms_norm
 from dgemma.quant.formats import QTensor, quantize
 from dgemma.quant.modules import QuantExperts, quantize_model
 
@@ -148,3 +148,16 @@ def test_fused_norm_matches_the_pytorch_norm(d, dtype):
         _close(triton_norm.rms_norm(x, w, 1e-6, r), rms_norm(x, w, 1e-6, r), dtype)
     with pytest.raises(ValueError, match="weight has shape"):
         triton_norm.rms_norm(x, weight[:-1], 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("per_row", [False, True], ids=["cos [T, D]", "cos [B, T, D]"])
+def test_fused_norm_and_rotation_match_the_separate_ops(per_row, dtype):
+    x = _randn(2, 5, 3, 32, seed=3).to(dtype)  # [B, T, H, D]
+    weight = (1 + _randn(32, seed=4) * 0.1).to(dtype)
+    angles = _randn(*((2, 5) if per_row else (5,)), 32, seed=5)  # [(B,) T, D]
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    fused = triton_norm.rms_norm(x, weight, 1e-6, rope=(cos, sin))
+    _close(fused, apply_rope(rms_norm(x, weight, 1e-6), cos, sin), dtype)
+    with pytest.raises(ValueError, match="power of two"):
+        triton_norm.rms_norm(x[..., :24], weight[:24], 1e-6, rope=(cos[..., :24], sin[..., :24]))

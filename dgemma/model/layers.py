@@ -17,15 +17,20 @@ from ..config import SLIDING, ModelConfig, RopeConfig
 from ..kernels import triton_available, triton_norm
 
 
-# Whether norms on a GPU run as one Triton launch each (`kernels.triton_norm`) where no gradient is needed.
+# Whether norms on a GPU run as one Triton launch each (`kernels.triton_norm`; q and k with their rotation) where no
+# gradient is needed.
 FUSED_NORM = True
+
+
+def _fused(x: torch.Tensor) -> bool:
+    return FUSED_NORM and x.is_cuda and not torch.is_grad_enabled() and triton_available(x)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
              residual: torch.Tensor | None = None) -> torch.Tensor:
     """[residual +] x * (mean(x^2) + eps)^-0.5 [* weight], computed in float32, returned in x's dtype (the residual
     is added after that rounding, as `residual + rms_norm(x)` would)."""
-    if FUSED_NORM and x.is_cuda and not torch.is_grad_enabled() and triton_available(x):
+    if _fused(x):
         return triton_norm.rms_norm(x, weight, eps, residual)
     xf = x.float()
     out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
@@ -74,6 +79,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
 
 
+def norm_rope(x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope(norm(x), cos, sin) for x [B, T, H, D]; one Triton launch where `rms_norm` fuses (D a power of two)."""
+    if _fused(x) and x.shape[-1] & (x.shape[-1] - 1) == 0:
+        return triton_norm.rms_norm(x, norm.weight, norm.eps, rope=(cos, sin))
+    return apply_rope(norm(x), cos, sin)
+
+
 class Attention(nn.Module):
     """Grouped-query attention with q/k/v norms and scale 1. Full layers have no v_proj: values are the raw key
     projections. `project` makes this step's rotated q, k and normed v; `attend` mixes them with cached keys."""
@@ -95,14 +107,12 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, T, hidden] -> q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, D]."""
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, -1, self.head_dim))
+        q = norm_rope(self.q_proj(x).view(b, t, -1, self.head_dim), self.q_norm, cos, sin)
         k_raw = self.k_proj(x).view(b, t, -1, self.head_dim)
         v = self.v_proj(x).view(b, t, -1, self.head_dim) if self.v_proj is not None else k_raw
-        k = self.k_norm(k_raw)
+        k = norm_rope(k_raw, self.k_norm, cos, sin)
         v = rms_norm(v, None, self.eps)
-        q = apply_rope(q, cos, sin).transpose(1, 2)
-        k = apply_rope(k, cos, sin).transpose(1, 2)
-        return q, k, v.transpose(1, 2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q [B, H, T, D], k/v [B, Hkv, S, D], mask [B, 1, T, S] (True = may attend) -> [B, T, hidden]."""
