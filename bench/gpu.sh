@@ -3,6 +3,7 @@
 # with the reference). In order, each under its own `timeout`, the whole script under 8 minutes:
 #   1. tests/test_cuda.py: bf16 logits against transformers' on the same GPU, CUDA graph replays against eager passes,
 #      the grouped experts, the compiled Triton kernels and quantized networks (figures in logs.txt);
+#      then bench/experts.py: one layer's expert products, torch._grouped_mm against the Triton kernel;
 #   2. random weights, bf16, 16 fixed steps, batch 1 and 4: ours and transformers' reference on the same weight tensors;
 #   3. int4 (group 64) and int8 quantized from the same weights, batch 1;
 #   4. batch 1 against autoregressive decoding of the same weights;
@@ -40,11 +41,13 @@ timeout 15 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,
 "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 LOG="$OUT/logs.txt"
 
-# Time limits: 30 (wheels) + 70 + 80 + 70 + 100 + 45 + 35 + 40 = 470 s at most.
+# Time limits: 30 (wheels) + 70 + 25 + 80 + 70 + 75 + 45 + 35 + 40 = 470 s at most.
 timeout 70 "$PYTHON" -m pytest "$ROOT/tests/test_cuda.py" -q -s -p no:cacheprovider >> "$LOG" 2>&1
 tests=$?
 echo "==== GPU tests (exit $tests) ===="
 grep -E "max rel err|cosine|passed|failed|skipped|Error" "$LOG" | tail -n 25
+{ echo "==== experts ===="; TRITON_INTERPRET=$([ "$DEVICE" = cpu ] && echo 1 || echo 0) timeout 25 "$PYTHON" \
+    "$ROOT/bench/experts.py" --shape "$SHAPE" --device "$DEVICE" 2>> "$LOG"; } | tee -a "$OUT/tables.txt"
 
 # bench NAME SECONDS ARGS...: one `dgemma bench` run; its table is printed and appended to tables.txt.
 bench() {
@@ -61,7 +64,7 @@ bench reference 80 --steps 16 --batch 1 4 --compare reference --repeat 2 --warmu
 status=$?
 # int4 is made from the bf16 copy and int8 in its place, so the peak is bf16 + int4: ~61 GiB.
 bench quant 70 --steps 16 --batch 1 --quant int4 int8 --repeat 1 --warmup 1
-bench ar 100 --steps 16 --batch 1 --compare ar --repeat 1 --warmup 1
+bench ar 75 --steps 16 --batch 1 --compare ar --repeat 1 --warmup 1
 bench batch8 45 --steps 16 --batch 8 --repeat 1 --warmup 1
 # Four canvases: their growing cache shares one length bucket, so graphs captured for the first serve all four.
 bench canvases 35 --steps 16 --batch 1 --new-tokens 1024 --repeat 1 --warmup 1
