@@ -1,12 +1,12 @@
 """RMSNorm in one Triton launch: y = [residual +] cast(x * (mean(x^2) + eps)^-1/2 [* weight]) over the last dim.
 
 Owns `rms_norm`, the fused form of `dgemma.model.layers.rms_norm` (plus the residual add that follows several of the
-model's norms, or the rotary embedding that follows the q and k norms). The unfused PyTorch form is about nine kernels per norm (casts, square, mean, add, power, products),
-and a layer has eleven norms, so at batch 1, where each kernel has little to do, their launches cost more than their
-work; one program per row does it all here. Same arithmetic as the PyTorch form: the row in float32, the normalised
-row times the weight in float32, one rounding to x's dtype, then the residual add in float32 rounded once more (as
-`residual + normed` rounds); the rotation rounds each product and the sum as `apply_rope`'s separate ops do. Only the
-order of the float32 sum of squares may differ.
+model's norms, or the rotary embedding that follows the q and k norms). The unfused PyTorch form is about nine
+kernels per norm (casts, square, mean, add, power, products), and a layer has eleven norms, so at batch 1, where
+each kernel has little to do, their launches cost more than their work; one program per row does it all here. Same
+arithmetic as the PyTorch form: the row in float32, the normalised row times the weight in float32, one rounding to
+x's dtype, then the residual add in float32 rounded once more (as `residual + normed` rounds); the rotation rounds
+each product and the sum as `apply_rope`'s separate ops do. Only the order of the float32 sum of squares may differ.
 Triton is imported on the first launch (see `dgemma.kernels.triton_available`); TRITON_INTERPRET=1 set before then
 runs the kernel on CPU tensors.
 Must not: be used where gradients are needed (it has no backward).
