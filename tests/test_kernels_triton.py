@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 from dgemma.config import preset
 from dgemma.kernels import dequant_matmul, triton_dequant, triton_norm
 from dgemma.model.diffusion_gemma import DiffusionGemma
+from dgemma.model import layers
 from dgemma.model.layers import apply_rope, rms_norm
 from dgemma.quant.formats import QTensor, quantize
 from dgemma.quant.modules import QuantExperts, quantize_model
@@ -134,6 +135,21 @@ def test_quant_experts_grouped_path_matches_per_expert_path(kind, group, dtype, 
     per_expert = experts(x, weights, index)  # CPU tensors: `_mlp` takes the per-expert path
     monkeypatch.setattr(experts, "_mlp", experts._grouped_mlp)
     _close(experts(x, weights, index), per_expert, dtype, products=2)  # gate_up's output feeds down
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_float_experts_through_triton_match_the_loop(dtype, monkeypatch, float32_products):
+    """Float experts on the path they take on GPUs (`triton_mlp`) == the per-expert loop."""
+    net = DiffusionGemma(preset("tiny")).init_weights(0).to(dtype)
+    experts = net.layers[1].experts
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(13, net.config.hidden_size, generator=gen).to(dtype)  # [N, H]
+    weights, index = net.layers[1].router(x)
+    monkeypatch.setattr(layers, "EXPERTS_IMPL", "loop")
+    loop = experts(x, weights, index)
+    monkeypatch.setattr(layers, "EXPERTS_IMPL", "auto")
+    monkeypatch.setattr(layers, "triton_ok", lambda xs: True)  # as on a GPU; the interpreter runs the CPU tensors
+    _close(experts(x, weights, index), loop, dtype, products=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
