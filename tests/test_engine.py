@@ -176,3 +176,9 @@ def test_failed_capture_falls_back_to_eager_steps(monkeypatch):
     with pytest.warns(RuntimeWarning, match="capture of the denoising step failed"):
         fallback = model.generate([[5, 6, 7]], max_denoising_steps=4, seed=1)
     assert fallback.token_ids == eager.token_ids
+
+
+def test_unknown_experts_path_is_named(experts, monkeypatch):
+    monkeypatch.setattr(layers, "EXPERTS_IMPL", "fast")
+    with pytest.raises(ValueError, match="DGEMMA_EXPERTS='fast': choose one of auto, triton, grouped, loop"):
+        experts(torch.zeros(2, 64), torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.long))

@@ -157,17 +157,21 @@ class Router(nn.Module):
 
 
 # How Experts runs its matmuls: "triton" (one launch per projection over all experts, `kernels.triton_dequant`, on a
-# GPU with Triton), "grouped" (one torch._grouped_mm per projection, where this build and the shapes allow it), "loop"
-# (one matmul per expert: the plain reference path), or "auto" (triton, else grouped, else loop). All give the same
-# numbers up to the order of float32 sums. The environment's DGEMMA_EXPERTS sets it.
+# GPU with Triton, without gradients), "grouped" (one torch._grouped_mm per projection, where this build and the
+# shapes allow it), "loop" (one matmul per expert: the plain reference path), or "auto" (triton, else grouped, else
+# loop). All give the same numbers up to the order of float32 sums. The environment's DGEMMA_EXPERTS sets it.
 EXPERTS_IMPLS = ("auto", "triton", "grouped", "loop")
 EXPERTS_IMPL = os.environ.get("DGEMMA_EXPERTS", "auto")
-if EXPERTS_IMPL not in EXPERTS_IMPLS:
-    raise ValueError(f"DGEMMA_EXPERTS={EXPERTS_IMPL!r}; choose one of {', '.join(EXPERTS_IMPLS)}")
+
+
+def _experts_impl() -> str:
+    if EXPERTS_IMPL not in EXPERTS_IMPLS:
+        raise ValueError(f"DGEMMA_EXPERTS={EXPERTS_IMPL!r}: choose one of {', '.join(EXPERTS_IMPLS)}")
+    return EXPERTS_IMPL
 
 
 def _grouped_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    if EXPERTS_IMPL not in ("auto", "grouped") or not hasattr(torch, "_grouped_mm"):
+    if _experts_impl() not in ("auto", "grouped") or not hasattr(torch, "_grouped_mm"):
         return False
     # The kernel needs 16-byte aligned rows and a 32- or 16-bit float type; on GPUs it wants bfloat16.
     aligned = all(w.shape[-1] * w.element_size() % 16 == 0 and w.shape[-2] * w.element_size() % 16 == 0
@@ -177,10 +181,12 @@ def _grouped_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 
 
 def triton_ok(x: torch.Tensor) -> bool:
-    """Whether experts on `x` run through the Triton kernels (a GPU with Triton, unless EXPERTS_IMPL says not)."""
+    """Whether experts on `x` run through the Triton kernels: on a GPU with Triton, where no gradient is needed (they
+    have no backward), unless EXPERTS_IMPL says not."""
     from ..kernels import triton_dequant  # here, not at the top: the kernels' module imports the quant package
 
-    return EXPERTS_IMPL in ("auto", "triton") and x.is_cuda and triton_dequant.available(x)
+    return _experts_impl() in ("auto", "triton") and x.is_cuda and not torch.is_grad_enabled() and \
+        triton_dequant.available(x)
 
 
 def triton_mlp(xs: torch.Tensor, counts: torch.Tensor, gate_up, down) -> torch.Tensor:
