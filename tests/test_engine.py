@@ -182,3 +182,17 @@ def test_unknown_experts_path_is_named(experts, monkeypatch):
     monkeypatch.setattr(layers, "EXPERTS_IMPL", "fast")
     with pytest.raises(ValueError, match="DGEMMA_EXPERTS='fast': choose one of auto, triton, grouped, loop"):
         experts(torch.zeros(2, 64), torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_repeated_key_value_heads_attend_as_grouped_query_attention(monkeypatch):
+    """The CUDA form of attention (key/value heads repeated) == enable_gqa's broadcast, here on the CPU."""
+    cfg = preset("tiny")
+    attn = layers.Attention(cfg, 0)
+    gen = torch.Generator().manual_seed(2)
+    heads, kv, d = cfg.num_attention_heads, attn.kv_heads, attn.head_dim
+    q, k, v = (torch.randn(2, n, 5 if n == heads else 9, d, generator=gen) for n in (heads, kv, kv))
+    mask = torch.rand(2, 1, 5, 9, generator=gen) > 0.3
+    mask[..., 0] = True  # every query sees at least one slot
+    grouped = attn.attend(q, k, v, mask)
+    monkeypatch.setattr(layers, "repeat_kv", lambda q: True)
+    torch.testing.assert_close(attn.attend(q, k, v, mask), grouped)

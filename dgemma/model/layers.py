@@ -86,6 +86,12 @@ def norm_rope(x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tens
     return apply_rope(norm(x), cos, sin)
 
 
+def repeat_kv(q: torch.Tensor) -> bool:
+    """Whether attention repeats key/value heads up to the query heads instead of passing enable_gqa: on CUDA, whose
+    fused SDPA kernels take no GQA broadcast together with a mask, so enable_gqa would run the unfused math path."""
+    return q.is_cuda
+
+
 class Attention(nn.Module):
     """Grouped-query attention with q/k/v norms and scale 1. Full layers have no v_proj: values are the raw key
     projections. `project` makes this step's rotated q, k and normed v; `attend` mixes them with cached keys."""
@@ -116,7 +122,10 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q [B, H, T, D], k/v [B, Hkv, S, D], mask [B, 1, T, S] (True = may attend) -> [B, T, hidden]."""
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
+        if repeat_kv(q):  # query head h reads key/value head h // groups, as enable_gqa maps them
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=k.shape[1] != q.shape[1])
         b, _, t, _ = q.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
