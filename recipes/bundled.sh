@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Reproduces the bundled model (dgemma/assets/model): train from scratch on the standard library with
-# recipes/bundled.toml, extend five times with warm restarts of the cosine schedule (1000 -> 2200 -> 3400 steps, then
+# recipes/bundled.toml, extend six times with warm restarts of the cosine schedule (1000 -> 2200 -> 3400 steps, then
 # to 6600 supervising two canvases per sequence, then to 10000 adding the test suites to the data and corrupting 40% of
-# blocks as one contiguous span, then to 16400), then copy the last checkpoint, without its optimiser state, into the
-# package. (The shipped model ran steps 10000-10300 on a schedule to 16000, steps 10300-11400 in two data-parallel
-# processes on schedules to 20000, then 18000, and went on from step 11400 as below.)
+# blocks as one contiguous span, then to 16400, then to 19600), then copy the last checkpoint, without its optimiser
+# state, into the package. (The shipped model ran steps 10000-10300 on a schedule to 16000, steps 10300-11400 in two
+# data-parallel processes on schedules to 20000, then 18000, and went on from step 11400 as below; steps 16400-16900
+# ran on a schedule to 20400.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1  # on a small shared CPU one thread avoids OpenMP threads spinning against each other
@@ -16,6 +17,8 @@ dgemma train recipes/bundled.toml --resume --set train.steps=10000 --set train.b
     --set 'data.train=["stdlib:train"]' --set objective.span=0.4
 dgemma train recipes/bundled.toml --resume --set train.steps=16400 --set train.blocks=2 \
     --set 'data.train=["stdlib:train"]' --set objective.span=0.4
+dgemma train recipes/bundled.toml --resume --set train.steps=19600 --set train.blocks=2 \
+    --set 'data.train=["stdlib:train"]' --set objective.span=0.4
 src="runs/bundled/$(cat runs/bundled/latest)"
 dst=dgemma/assets/model
 rm -rf "$dst" && mkdir -p "$dst"
@@ -23,12 +26,16 @@ for f in config.json generation_config.json model.safetensors tokenizer.json tok
     chat_template.jinja; do
     cp "$src/$f" "$dst/"
 done
-# Generation defaults for the bundled model: 48 steps (more than its 32-token canvas) and 128 new tokens.
-python - "$dst/generation_config.json" <<'PY'
+# Generation defaults for the bundled model: 48 steps (more than its 32-token canvas) and 128 new tokens. The chat
+# template is today's (the checkpoints of resumed runs carry the one written when the first run made the tokenizer).
+python - "$dst" <<'PY'
 import json, sys
-path = sys.argv[1]
-cfg = json.load(open(path))
+from pathlib import Path
+from dgemma.tokenizer import BYTE_CHAT_TEMPLATE
+dst = Path(sys.argv[1])
+cfg = json.loads((dst / "generation_config.json").read_text())
 cfg.update(max_new_tokens=128, max_denoising_steps=48)
-json.dump(cfg, open(path, "w"), indent=2)
+(dst / "generation_config.json").write_text(json.dumps(cfg, indent=2))
+(dst / "chat_template.jinja").write_text(BYTE_CHAT_TEMPLATE)
 PY
 echo "bundled model written to $dst"
