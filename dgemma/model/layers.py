@@ -22,8 +22,13 @@ from ..kernels import triton_available, triton_norm
 FUSED_NORM = True
 
 
+def _triton_inference(x: torch.Tensor) -> bool:
+    """Whether Triton kernels may take `x`: a GPU with Triton, and no gradient needed (they have no backward)."""
+    return x.is_cuda and not torch.is_grad_enabled() and triton_available(x)
+
+
 def _fused(x: torch.Tensor) -> bool:
-    return FUSED_NORM and x.is_cuda and not torch.is_grad_enabled() and triton_available(x)
+    return FUSED_NORM and _triton_inference(x)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
@@ -190,18 +195,14 @@ def _grouped_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 
 
 def triton_ok(x: torch.Tensor) -> bool:
-    """Whether experts on `x` run through the Triton kernels: on a GPU with Triton, where no gradient is needed (they
-    have no backward), unless EXPERTS_IMPL says not."""
-    from ..kernels import triton_dequant  # here, not at the top: the kernels' module imports the quant package
-
-    return _experts_impl() in ("auto", "triton") and x.is_cuda and not torch.is_grad_enabled() and \
-        triton_dequant.available(x)
+    """Whether experts on `x` run through the Triton kernels (`_triton_inference`), unless EXPERTS_IMPL says not."""
+    return _experts_impl() in ("auto", "triton") and _triton_inference(x)
 
 
 def triton_mlp(xs: torch.Tensor, counts: torch.Tensor, gate_up, down) -> torch.Tensor:
     """xs [P, H] grouped by expert with counts [E] -> [P, H] through one Triton launch per product; gate_up
     [E, 2I, H] and down [E, H, I] are float weights in xs's dtype or int8/int4 QTensors."""
-    from ..kernels import triton_dequant
+    from ..kernels import triton_dequant  # here, not at the top: the kernels' module imports the quant package
 
     gate, up = triton_dequant.grouped_linear(xs, counts, gate_up).chunk(2, dim=-1)  # [P, I] each
     return triton_dequant.grouped_linear(F.gelu(gate, approximate="tanh") * up, counts, down)
