@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     qz.add_argument("--to", required=True, choices=["int8", "int4"], help="weight format")
     qz.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128],
                     help="int4 group size (default 64); for int8, groups instead of one scale per output channel")
+    qz.add_argument("--dense", default=None, choices=["int8", "int4"],
+                    help="format of the linears outside the experts: attention, dense and self-conditioning MLPs "
+                         "(default: the --to format)")
     qz.add_argument("--embedding", default="int8", choices=["int8", "int4", "float"],
                     help="format of the tied embedding / head (default: int8)")
     qz.add_argument("--out", required=True, help="directory to write")
@@ -202,7 +205,7 @@ def cmd_init(args) -> int:
 def cmd_quantize(args) -> int:
     summary = quant.quantize(args.model, args.out, args.to, args.group_size,
                              embedding=None if args.embedding == "float" else args.embedding,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, dense=args.dense)
     print(f"wrote {args.to} checkpoint to {summary['out']}: {summary['bytes'] / 2**30:.3f} GiB "
           f"({summary['bytes_per_parameter']:.3f} bytes/parameter, from {summary['source_bytes'] / 2**30:.3f} GiB)")
     return 0

@@ -32,22 +32,27 @@ def float_ckpt(tmp_path_factory):
     return path, net
 
 
-@pytest.mark.parametrize("fmt, group, dtype", [("int8", None, torch.float32), ("int4", 32, torch.bfloat16)])
-def test_quantized_directory_round_trip(float_ckpt, tmp_path, fmt, group, dtype):
+@pytest.mark.parametrize("fmt, group, dtype, dense", [("int8", None, torch.float32, None),
+                                                       ("int4", 32, torch.bfloat16, None),
+                                                       ("int4", 64, torch.float32, "int8")])
+def test_quantized_directory_round_trip(float_ckpt, tmp_path, fmt, group, dtype, dense):
     src, net = float_ckpt
     if dtype != torch.float32:
         src = checkpoint.save(copy.deepcopy(net).to(dtype), GenerationSettings(max_denoising_steps=7), tmp_path / "src")
-    summary = quantize(src, tmp_path / "out", fmt, group, shard_bytes=100_000, progress=False)
+    summary = quantize(src, tmp_path / "out", fmt, group, shard_bytes=100_000, progress=False, dense=dense)
     out = tmp_path / "out"
     meta = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert meta == {"quant_method": "dgemma", "format": fmt, "group_size": group, "embedding": "int8"}
+    assert meta == {"quant_method": "dgemma", "format": fmt, "group_size": group, "dense": dense or fmt,
+                    "embedding": "int8"}
     assert (out / "model.safetensors.index.json").is_file()
     assert all(f.name.startswith("model") for f in out.glob("*.safetensors"))  # no format in file names
     model = dgemma.load(out)
     assert model.dtype == dtype and model.settings.max_denoising_steps == 7
+    assert model.net.layers[0].self_attn.q_proj.qtensor("weight").kind == (dense or fmt)
+    assert model.net.layers[0].experts.qtensor("gate_up_proj").kind == fmt
     assert model.parameter_bytes() == summary["bytes"] == resident_bytes(model.config, fmt, group, "int8",
-                                                                         dtype.itemsize)
-    expected = Model(quantize_model(copy.deepcopy(net).to(dtype), fmt, group))
+                                                                         dtype.itemsize, dense)
+    expected = Model(quantize_model(copy.deepcopy(net).to(dtype), fmt, group, dense=dense))
     prompt, canvas = _inputs(model.config)
     torch.testing.assert_close(model.canvas_logits(prompt, canvas), expected.canvas_logits(prompt, canvas),
                                rtol=1e-5, atol=1e-5)
@@ -62,6 +67,15 @@ def test_metadata_that_disagrees_with_the_tensors_is_an_error(float_ckpt, tmp_pa
         dgemma.load(tmp_path / "q")
     with pytest.raises(ValueError, match="already quantized"):
         quantize(tmp_path / "q", tmp_path / "again", "int8", progress=False)
+    config["quantization_config"].update(format="int4", dense="int2")
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(checkpoint.CheckpointError, match="quantization_config.dense is 'int2'"):
+        dgemma.load(tmp_path / "q")
+    del config["quantization_config"]["dense"]  # written before dense layers had their own format: they take int4
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    assert dgemma.load(tmp_path / "q").net.layers[0].mlp.down_proj.qtensor("weight").kind == "int4"
+    with pytest.raises(ValueError, match="--dense int4 needs a group size"):
+        quantize(float_ckpt[0], tmp_path / "x", "int8", dense="int4", progress=False)
 
 
 def test_cli_quantize_and_info(float_ckpt, tmp_path, capsys):
@@ -72,6 +86,13 @@ def test_cli_quantize_and_info(float_ckpt, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["quantization"] == "int4 group 32, embedding int8"
     assert info["bytes_per_parameter"] < 0.8 and info["resident_bytes"] < info["weight_bytes"] / 4
+    assert main(["quantize", "--model", str(float_ckpt[0]), "--to", "int4", "--dense", "int8",
+                 "--out", str(tmp_path / "q48"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["info", "--model", str(tmp_path / "q48"), "--json"]) == 0
+    mixed = json.loads(capsys.readouterr().out)
+    assert mixed["quantization"] == "int4 group 64, dense layers int8, embedding int8"
+    assert info["resident_bytes"] < mixed["resident_bytes"] < info["weight_bytes"] / 2
     assert main(["info", "--model", str(float_ckpt[0])]) == 0
     assert "bytes/param  4.000" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # argparse refuses an unknown format

@@ -86,9 +86,11 @@ def describe(path: Path, dtype: torch.dtype) -> dict | None:
     if meta is not None:
         cfg, _ = checkpoint.read_config(path)
         group = f" group {meta['group_size']}" if meta["group_size"] else " per channel"
+        dense = "" if meta["dense"] == meta["format"] else f", dense layers {meta['dense']}"
         emb = f", embedding {meta['embedding'] or 'float'}"
-        resident = convert.resident_bytes(cfg, meta["format"], meta["group_size"], meta["embedding"], dtype.itemsize)
-        return {"quantization": f"{meta['format']}{group}{emb}", "resident_bytes": resident}
+        resident = convert.resident_bytes(cfg, meta["format"], meta["group_size"], meta["embedding"], dtype.itemsize,
+                                          meta["dense"])
+        return {"quantization": f"{meta['format']}{group}{dense}{emb}", "resident_bytes": resident}
     if fp8.metadata(path) is not None:
         tensors = convert.Tensors(path)
         resident = 0

@@ -4,11 +4,12 @@ On disk a quantized directory is an ordinary checkpoint directory: the same tens
 `NAME` its codes under `NAME`, its scales under `NAME_scale` and (int4) its offsets under `NAME_offset`, in
 model*.safetensors files. config.json carries the format (never the file names):
 
-    "quantization_config": {"quant_method": "dgemma", "format": "int4", "group_size": 64, "embedding": "int8"}
+    "quantization_config": {"quant_method": "dgemma", "format": "int4", "group_size": 64, "dense": "int8",
+                            "embedding": "int8"}
 
-`format` applies to the attention, dense-MLP, self-conditioning and expert weights; `embedding` ("int8", "int4" or
-null for float) to the tied embedding; `group_size` is null for int8 per output channel. Norms, the router, scales and
-layer scalars stay in their stored float dtype.
+`format` applies to the expert weights; `dense` ("int8" or "int4"; absent = `format`) to the other linears (attention,
+dense and self-conditioning MLPs); `embedding` ("int8", "int4" or null for float) to the tied embedding; `group_size`
+is null for int8 per output channel. Norms, the router, scales and layer scalars stay in their stored float dtype.
 
 `quantize` reads a float, FP8 or GGUF source one tensor at a time, quantizes it, and writes shards of at most
 `shard_bytes`, so converting the 50 GB release needs a few GB of memory. Output appears atomically (written to a
@@ -35,7 +36,7 @@ from ..checkpoint import atomic_directory
 from ..config import ModelConfig
 from ..model.diffusion_gemma import DiffusionGemma
 from .formats import INT4_GROUP_SIZES, QTensor, dequantize, quantize as quantize_tensor, quantized_nbytes
-from .modules import EMBEDDING, build, role, weight_group
+from .modules import EMBEDDING, build, role, weight_group, weight_kind
 
 METHOD = "dgemma"
 Entry = tuple[str, "QTensor | torch.Tensor"]
@@ -54,20 +55,22 @@ def metadata(path: Path) -> dict | None:
     if not isinstance(meta, dict) or meta.get("quant_method") != METHOD:
         return None
     fmt, group, emb = meta.get("format"), meta.get("group_size"), meta.get("embedding")
-    if fmt not in ("int8", "int4"):
-        raise checkpoint.CheckpointError(f"{config}: quantization_config.format is {fmt!r}, expected int8 or int4")
+    dense = meta.get("dense", fmt)
+    for key, value in (("format", fmt), ("dense", dense)):
+        if value not in ("int8", "int4"):
+            raise checkpoint.CheckpointError(f"{config}: quantization_config.{key} is {value!r}, expected int8 or int4")
     if emb not in ("int8", "int4", None):
         raise checkpoint.CheckpointError(f"{config}: quantization_config.embedding is {emb!r}, expected int8, "
                                          "int4 or null")
     if group is not None and (not isinstance(group, int) or group < 2):
         raise checkpoint.CheckpointError(f"{config}: quantization_config.group_size is {group!r}")
-    if "int4" in (fmt, emb) and group is None:
+    if "int4" in (fmt, dense, emb) and group is None:
         raise checkpoint.CheckpointError(f"{config}: int4 needs quantization_config.group_size")
-    return meta
+    return {**meta, "dense": dense}
 
 
 def _expected_kind(meta: dict, target: str) -> str | None:
-    return meta["embedding"] if role(target) == "embedding" else meta["format"]
+    return weight_kind(role(target), meta["format"], meta["dense"], meta["embedding"])
 
 
 class Tensors:
@@ -132,7 +135,7 @@ def quantized_entries(tensors: Tensors, meta: dict) -> Iterator[Entry]:
     for name, target in tensors.text():
         if name.endswith(_SUFFIXES) and name.rsplit("_", 1)[0] in tensors:
             continue
-        want = _expected_kind(meta, target) if role(target) else None
+        want = _expected_kind(meta, target)
         if name + "_scale" not in tensors:
             if want is not None:
                 raise checkpoint.CheckpointError(f"{path}: tensor {name!r} is float, but config.json's "
@@ -163,15 +166,15 @@ def load_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype | None, device
 
 
 def resident_bytes(cfg: ModelConfig, fmt: str, group_size: int | None, embedding: str | None,
-                   float_bytes: int) -> int:
-    """Bytes a model of shape `cfg` occupies once loaded in this format (float tensors at `float_bytes` each), from
-    the shapes alone: the network is built on the meta device."""
+                   float_bytes: int, dense: str | None = None) -> int:
+    """Bytes a model of shape `cfg` occupies once loaded in this format (`dense` None = `fmt`; float tensors at
+    `float_bytes` each), from the shapes alone: the network is built on the meta device."""
     with torch.device("meta"):
         net = DiffusionGemma(cfg)
     total = 0
     for target, t in net.state_dict().items():
         r = role(target)
-        kind = embedding if r == "embedding" else (fmt if r else None)
+        kind = weight_kind(r, fmt, dense or fmt, embedding)
         if kind is None:
             total += t.numel() * float_bytes
         else:
@@ -228,22 +231,28 @@ class _ShardWriter:
 
 
 def quantize(src: str | os.PathLike, out: str | os.PathLike, fmt: str, group_size: int | None = None,
-             embedding: str | None = "int8", shard_bytes: int = 2 << 30, progress: bool = True) -> dict:
+             embedding: str | None = "int8", shard_bytes: int = 2 << 30, progress: bool = True,
+             dense: str | None = None) -> dict:
     """Convert the checkpoint at `src` (float or FP8 directory, Hub id, or .gguf file) to `fmt` ("int8"/"int4") in
     directory `out`, tensor by tensor. `group_size`: int4 group (32, 64 or 128); for int8, None = per output channel.
-    `embedding`: format of the tied embedding ("int8", "int4" or None to keep it float). Returns a summary."""
+    `dense`: format of the linears outside the experts ("int8" or "int4"; None = `fmt`). `embedding`: format of the
+    tied embedding ("int8", "int4" or None to keep it float). Returns a summary."""
     from tqdm import tqdm
 
     from . import open_source
 
     if fmt not in ("int8", "int4"):
         raise ValueError(f"--to must be int8 or int4, got {fmt!r}")
+    dense = dense or fmt
+    if dense not in ("int8", "int4"):
+        raise ValueError(f"--dense must be int8 or int4, got {dense!r}")
     if fmt == "int4" and group_size is None:
         group_size = 64
-    if group_size is not None and (fmt == "int4" and group_size not in INT4_GROUP_SIZES):
+    if group_size is not None and ("int4" in (fmt, dense) and group_size not in INT4_GROUP_SIZES):
         raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
-    if embedding == "int4" and group_size is None:
-        raise ValueError("an int4 embedding needs a group size")
+    for flag, kind in (("dense", dense), ("embedding", embedding)):
+        if kind == "int4" and group_size is None:
+            raise ValueError(f"--{flag} int4 needs a group size (--group-size 32, 64 or 128)")
     src_info = open_source(src)
     out = Path(out)
     with atomic_directory(out) as tmp:
@@ -256,7 +265,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, fmt: str, group_siz
             size = value.nbytes if isinstance(value, QTensor) else value.numel() * value.element_size()
             in_bytes += size
             r = role(target)
-            kind = embedding if r == "embedding" else (fmt if r else None)
+            kind = weight_kind(r, fmt, dense, embedding)
             if isinstance(value, QTensor):
                 value = dequantize(value, torch.float32)
             params += 0 if "_layer_scalars." in target else value.numel()
@@ -276,7 +285,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, fmt: str, group_siz
         writer.close()
         config = src_info.config_dict
         config["quantization_config"] = {"quant_method": METHOD, "format": fmt, "group_size": group_size,
-                                         "embedding": embedding}
+                                         "dense": dense, "embedding": embedding}
         config["dtype"] = str(float_dtype or torch.float32).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if src_info.directory is not None:

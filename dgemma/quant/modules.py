@@ -48,6 +48,12 @@ def role(target: str) -> str | None:
     return "embedding" if target == EMBEDDING else None
 
 
+def weight_kind(weight_role: str | None, fmt: str, dense: str, embedding: str | None) -> str | None:
+    """The format a weight of `weight_role` takes: the experts `fmt`, the other linears (attention, dense and
+    self-conditioning MLPs) `dense`, the tied embedding `embedding`; None (stays float) for the rest."""
+    return {"experts": fmt, "linear": dense, "embedding": embedding}.get(weight_role)
+
+
 def weight_group(kind: str, weight_role: str, group_size: int | None) -> int | None:
     """The group size a weight is quantized with: an int8 embedding is always per row, the rest use `group_size`."""
     return None if kind == "int8" and weight_role == "embedding" else group_size
@@ -230,18 +236,19 @@ def _swap(net: DiffusionGemma, target: str, value: QTensor, dtype: torch.dtype) 
 
 @torch.no_grad()
 def quantize_model(net: DiffusionGemma, kind: str, group_size: int | None = None,
-                   embedding: str | None = "int8") -> DiffusionGemma:
+                   embedding: str | None = "int8", dense: str | None = None) -> DiffusionGemma:
     """Swap every quantizable weight of a loaded float model for its `kind` ("int8"/"int4") form, in place.
-    `embedding` ("int8", "int4" or None to keep it float) sets the tied embedding's format; int8 is per row."""
+    `dense` ("int8" or "int4"; None = `kind`) sets the format of the linears outside the experts; `embedding`
+    ("int8", "int4" or None to keep it float) the tied embedding's; an int8 embedding is per row."""
     dtype = net.dtype
     for target in [name for name, _ in net.named_parameters()]:  # names only: each float weight is freed once swapped
         r = role(target)
-        if r is None or (r == "embedding" and embedding is None):
+        wanted = weight_kind(r, kind, dense or kind, embedding)
+        if wanted is None:
             continue
-        weight_kind = embedding if r == "embedding" else kind
         module, leaf = _parent(net, target)
         weight = getattr(module, leaf)  # a parameter, or the float buffer of a half-swapped QuantExperts
-        _swap(net, target, quantize(weight, weight_kind, weight_group(weight_kind, r, group_size)), dtype)
+        _swap(net, target, quantize(weight, wanted, weight_group(wanted, r, group_size)), dtype)
         del weight
     return net
 
