@@ -80,6 +80,16 @@ def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:
     return torch.scatter(torch.zeros_like(chosen), dim=-1, index=order, src=chosen)
 
 
+# On the CPU a chunk of about this many entries (its float64 draws: 2 MiB) stays in the cache through the chain of
+# passes a chunk makes; chunks of 64 rows of a 32k vocabulary ran the `small` sampler step about 1.9x slower.
+_CPU_CHUNK_ENTRIES = 1 << 18
+
+
+def sampler_chunk_rows(vocab: int, device: torch.device) -> int:
+    """Rows `denoise_step` takes at once: cache-sized on the CPU, 64 (few kernel launches) elsewhere."""
+    return max(1, _CPU_CHUNK_ENTRIES // vocab) if device.type == "cpu" else 64
+
+
 @dataclass
 class Step:
     temperature: torch.Tensor  # float32 scalar
@@ -103,15 +113,17 @@ def denoise_step(
     generator: Generators = None,
     pinned: torch.Tensor | None = None,
     pinned_ids: torch.Tensor | None = None,
-    chunk_rows: int = 64,
+    chunk_rows: int | None = None,
 ) -> Step:
     """One sampler step. raw_logits [B, C, V] float32 from the decoder (divided by the temperature in place, so the
     decoder's buffer becomes the returned tempered logits); current [B, C] the canvas it read; remaining = n of N.
-    pinned [B, C] bool with pinned_ids [B, C] hold positions fixed. Temporaries are at most `chunk_rows` x V.
+    pinned [B, C] bool with pinned_ids [B, C] hold positions fixed. Temporaries are at most `chunk_rows` x V
+    (default `sampler_chunk_rows`).
     `generator`: one for the batch or a list with one per row (see the module docstring)."""
     temp = temperature(remaining, total, t_min, t_max)
     logits = raw_logits.div_(temp)
     b, c, v = logits.shape
+    chunk_rows = chunk_rows or sampler_chunk_rows(v, logits.device)
     flat = logits.view(-1, v)
     sampled = torch.empty(b * c, dtype=torch.long, device=logits.device)
     argmax = torch.empty_like(sampled)
