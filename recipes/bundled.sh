@@ -3,9 +3,9 @@
 # recipes/bundled.toml, extend seven times with warm restarts of the cosine schedule (1000 -> 2200 -> 3400 steps,
 # then to 6600 supervising two canvases per sequence, then to 10000 adding the test suites to the data and corrupting
 # 40% of blocks as one contiguous span, then to 16400, then to 19600, then to 23200), then copy the last checkpoint,
-# without its optimiser state, into the package. (The shipped model ran steps 10000-10300 on a schedule to 16000, steps 10300-11400 in two
-# data-parallel processes on schedules to 20000, then 18000, and went on from step 11400 as below; steps 16400-16900
-# ran on a schedule to 20400.)
+# without its optimiser state, into the package. (The shipped model ran steps 10000-10300 on a schedule to 16000,
+# steps 10300-11400 in two data-parallel processes on schedules to 20000, then 18000, and went on from step 11400 as
+# below; steps 16400-16900 ran on a schedule to 20400.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1  # on a small shared CPU one thread avoids OpenMP threads spinning against each other
