@@ -174,7 +174,7 @@ def resident_bytes(cfg: ModelConfig, fmt: str, group_size: int | None, embedding
     total = 0
     for target, t in net.state_dict().items():
         r = role(target)
-        kind = weight_kind(r, fmt, dense or fmt, embedding)
+        kind = weight_kind(r, fmt, dense, embedding)
         if kind is None:
             total += t.numel() * float_bytes
         else:

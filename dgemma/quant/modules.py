@@ -48,10 +48,10 @@ def role(target: str) -> str | None:
     return "embedding" if target == EMBEDDING else None
 
 
-def weight_kind(weight_role: str | None, fmt: str, dense: str, embedding: str | None) -> str | None:
+def weight_kind(weight_role: str | None, fmt: str, dense: str | None, embedding: str | None) -> str | None:
     """The format a weight of `weight_role` takes: the experts `fmt`, the other linears (attention, dense and
-    self-conditioning MLPs) `dense`, the tied embedding `embedding`; None (stays float) for the rest."""
-    return {"experts": fmt, "linear": dense, "embedding": embedding}.get(weight_role)
+    self-conditioning MLPs) `dense` (None = `fmt`), the tied embedding `embedding`; None (stays float) for the rest."""
+    return {"experts": fmt, "linear": dense or fmt, "embedding": embedding}.get(weight_role)
 
 
 def weight_group(kind: str, weight_role: str, group_size: int | None) -> int | None:
@@ -243,7 +243,7 @@ def quantize_model(net: DiffusionGemma, kind: str, group_size: int | None = None
     dtype = net.dtype
     for target in [name for name, _ in net.named_parameters()]:  # names only: each float weight is freed once swapped
         r = role(target)
-        wanted = weight_kind(r, kind, dense or kind, embedding)
+        wanted = weight_kind(r, kind, dense, embedding)
         if wanted is None:
             continue
         module, leaf = _parent(net, target)
