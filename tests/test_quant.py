@@ -85,6 +85,25 @@ def test_fused_kernels_match_reference(kind, dtype, cpu_bf16, monkeypatch):
     assert torch.equal(kernels.embedding(ids, q, dtype), F.embedding(ids, dequantize(q, dtype)))
 
 
+@pytest.mark.parametrize("kind, group", [("int8", None), ("int4", 32), ("fp8", None)])
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_grouped_experts_match_expert_by_expert(kind, group, cpu_bf16, monkeypatch):
+    w = _weight(5, 48, 64, seed=3)  # [E, N, K]
+    q = _fp8(w) if kind == "fp8" else quantize(w, kind, group)
+    monkeypatch.setattr(kernels, "EXPERT_TILE_ELEMENTS", 2 * 48 * 64)  # two experts per tile, the last tile short
+    monkeypatch.setattr(kernels, "CPU_BF16", cpu_bf16)
+    counts = torch.tensor([3, 0, 4, 1, 0])  # expert 1 and the whole last tile have no rows
+    xs = torch.randn(8, 64, generator=torch.Generator().manual_seed(4))
+    assert kernels.grouped_ok(xs, q)
+    got = kernels.grouped_linear(xs, counts, q)
+    rows = torch.repeat_interleave(torch.arange(5), counts)
+    want = torch.stack([kernels.linear_reference(x, q.map(lambda t, e=e: t[e])) for x, e in zip(xs, rows.tolist())])
+    assert got.shape == (8, 48) and got.dtype == torch.float32
+    tol = dict(rtol=2e-2, atol=2e-2) if cpu_bf16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, **tol)
+    assert not kernels.grouped_ok(xs[:, :58], quantize(_weight(2, 48, 58), "int8", None))  # rows not 16-byte aligned
+
+
 def test_quant_weight_dispatches_and_refuses_the_rest(float32_products):
     q = quantize(_weight(4, 16, 32), "int4", 32)
     w = QuantWeight(q, torch.float32)
@@ -154,9 +173,13 @@ def test_int8_dense_layers_bring_int4_closer(accuracy_model):
     assert _cosine(accuracy_model, "int4", 64) < mixed and mixed >= 0.999
 
 
-def test_quantized_model_equals_its_dequantized_float_twin(accuracy_model, float32_products):
+@pytest.mark.parametrize("grouped", [True, False])
+def test_quantized_model_equals_its_dequantized_float_twin(accuracy_model, float32_products, grouped, monkeypatch):
     """The fused quantized modules compute exactly what a float model holding the dequantized weights computes (in
-    float32 throughout: the bfloat16 products of AMX CPUs are checked by the kernel test and the cosine floors)."""
+    float32 throughout: the bfloat16 products of AMX CPUs are checked by the kernel test and the cosine floors), with
+    the experts in grouped products or expert by expert."""
+    if not grouped:
+        monkeypatch.setattr(kernels, "grouped_ok", lambda xs, q: False)
     net, prompt, canvas, _ = accuracy_model
     qnet = quantize_model(copy.deepcopy(net), "int4", 32)
     twin = copy.deepcopy(net)

@@ -1,13 +1,15 @@
 """Matrix products with quantized weights (`dgemma.quant.formats.QTensor`), fused and reference.
 
 The fused path never builds the whole float weight: it dequantizes a tile of output channels (about `TILE_ELEMENTS`
-weights, small enough to stay in a CPU cache; on a GPU `GPU_TILE_ELEMENTS`, for few launches) and multiplies it at
-once, tile after tile; weights with one scale per output channel skip the weight-side multiply and scale the tile's
-output instead. The reference path dequantizes the whole weight, then calls the plain PyTorch op; tests check that both
-agree on CPU. `FUSED` switches between them. Weights are decoded into the activations' dtype (float32 or bfloat16)
-and outputs come in that dtype, with one exception: on a CPU with AMX matrix units (`CPU_BF16`), the fused path
-multiplies float32 activations as bfloat16 (float32 accumulation, bfloat16 result), several times faster than
-float32 there, at bfloat16's rounding (about 2e-3 relative), the precision quantized weights are judged against.
+weights, small enough to stay in a CPU cache; on a GPU `GPU_TILE_ELEMENTS`, for few launches) and multiplies it at once,
+tile after tile; weights with one scale per output channel skip the weight-side multiply and scale the tile's output
+instead. Stacked expert weights [E, N, K] (`grouped_linear`) are dequantized a few experts at a time and multiplied with
+torch._grouped_mm, one call per tile of experts. The reference path dequantizes the whole weight, then calls the plain
+PyTorch op; tests check that both agree on CPU. `FUSED` switches between them. Weights are decoded into the activations'
+dtype (float32 or bfloat16) and outputs come in that dtype, with one exception: on a CPU with AMX matrix units
+(`CPU_BF16`), the fused path multiplies float32 activations as bfloat16 (float32 accumulation, bfloat16 result), several
+times faster than float32 there, at bfloat16's rounding (about 2e-3 relative), the precision quantized weights are
+judged against.
 DGEMMA_CPU_BF16=0 keeps float32 products on such CPUs; =1 takes bfloat16 ones anywhere.
 This is plain PyTorch and runs anywhere; on a GPU, `linear` with a 2-D int8 or int4 weight goes to the Triton kernel
 in `triton_dequant` when Triton is installed (fp8 weights, `matmul` and `embedding` stay here).
@@ -27,6 +29,7 @@ from . import triton_dequant
 FUSED = True
 TILE_ELEMENTS = 1 << 18
 GPU_TILE_ELEMENTS = 1 << 26
+EXPERT_TILE_ELEMENTS = 1 << 20
 CPU_BF16 = {"0": False, "1": True}.get(os.environ.get("DGEMMA_CPU_BF16", ""),
                                       bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()))
 
@@ -71,6 +74,40 @@ def linear(x: torch.Tensor, q: QTensor) -> torch.Tensor:
         stop = min(start + step, n)
         out[:, start:stop] = _tile_linear(flat, q.rows(start, stop), x.dtype)
     return out.view(*x.shape[:-1], n)
+
+
+def grouped_ok(xs: torch.Tensor, q: QTensor) -> bool:
+    """Whether `grouped_linear` can take xs [P, K] and the stacked weight `q` [E, N, K]: `FUSED`, torch._grouped_mm
+    present, and rows that meet its 16-byte alignment in the compute dtype."""
+    size = torch.finfo(_compute_dtype(xs)).bits // 8
+    return FUSED and hasattr(torch, "_grouped_mm") and q.codes.dim() == 3 and \
+        all(d * size % 16 == 0 for d in q.shape[1:])
+
+
+def grouped_linear(xs: torch.Tensor, counts: torch.Tensor, q: QTensor) -> torch.Tensor:
+    """xs [P, K] -> [P, N] in xs's dtype: the counts[e] consecutive rows from sum(counts[:e]) on times W[e]^T, for a
+    stacked weight W [E, N, K]; counts [E] sums to P. A few experts (about `EXPERT_TILE_ELEMENTS` weights) are
+    dequantized at once and multiplied in one torch._grouped_mm, instead of one small product per expert; as in
+    `linear`, per-channel weights scale the output rather than the weight. Needs `grouped_ok(xs, q)`."""
+    e, n, k = q.shape
+    x = xs.to(_compute_dtype(xs))  # [P, K]
+    per_channel = q.scale.shape[-1] == 1 and q.offset is None
+    ends = counts.cumsum(0)  # [E]
+    bounds = [0] + ends.tolist()
+    out = xs.new_empty(xs.shape[0], n)  # [P, N]
+    step = max(1, EXPERT_TILE_ELEMENTS // (n * k))
+    for first in range(0, e, step):
+        last = min(first + step, e)
+        lo, hi = bounds[first], bounds[last]
+        if lo == hi:
+            continue
+        tile = q.map(lambda t: t[first:last])
+        w = tile.codes.to(x.dtype) if per_channel else dequantize(tile, x.dtype)  # [T, N, K]
+        y = torch._grouped_mm(x[lo:hi], w.transpose(1, 2), offs=(ends[first:last] - lo).to(torch.int32))
+        out[lo:hi] = y.to(xs.dtype)  # [rows, N]
+        if per_channel:
+            out[lo:hi].mul_(tile.scale.view(last - first, n).to(xs.dtype).repeat_interleave(counts[first:last], 0))
+    return out
 
 
 def matmul_reference(x: torch.Tensor, q: QTensor) -> torch.Tensor:

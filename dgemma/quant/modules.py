@@ -1,8 +1,9 @@
 """Quantized drop-in modules, swapped into a built `DiffusionGemma`; the model code never learns about them.
 
 - `QuantLinear` replaces an `nn.Linear` (attention q/k/v/o, dense and self-conditioning MLPs; the router stays float).
-- `QuantExperts` replaces `Experts`: same routing code; its `_mlp` runs each expert through the quantized kernel, or
-  on a GPU with Triton all experts at once (one grouped launch per product, int8/int4 weights).
+- `QuantExperts` replaces `Experts`: same routing code; its `_mlp` runs all experts at once (on a GPU with Triton, one
+  grouped launch per product, int8/int4 weights; on the CPU, grouped products over a few dequantized experts at a
+  time), else each expert through the quantized kernel.
 - `QuantEmbedding` replaces the tied `embed_tokens`: lookups dequantize only the rows asked for, and its `.weight`
   (used by the model as the LM head and for self-conditioning's soft embeddings) is a `QuantWeight` view.
 A quantized weight `w` lives in three buffers, `w_codes`, `w_scale` and `w_offset` (int4 only); reading the attribute
@@ -155,8 +156,10 @@ class QuantLinear(_Quantized, nn.Module):
 
 class QuantExperts(_Quantized, Experts):
     """`Experts` whose gate_up_proj [E, 2I, H] and down_proj [E, H, I] may each be quantized or float. Routing is
-    inherited; the per-expert products run expert by expert through the quantized kernel, or, on a GPU with Triton
-    and both weights int8/int4, every expert in one grouped Triton launch per product (`_grouped_mlp`)."""
+    inherited. The products run, on a GPU with Triton and both weights int8/int4, every expert in one grouped Triton
+    launch per product (`_grouped_mlp`); on the CPU with both weights quantized, in grouped products over a few
+    dequantized experts at a time (`kernels.grouped_linear`: one call per tile of experts, not per expert); else
+    expert by expert through the quantized kernel."""
 
     def __init__(self, gate_up: QTensor | torch.Tensor, down: QTensor | torch.Tensor, compute_dtype: torch.dtype):
         nn.Module.__init__(self)
@@ -177,6 +180,11 @@ class QuantExperts(_Quantized, Experts):
         if xs.is_cuda and triton_dequant.available(xs) and \
                 all(self._kinds.get(name) in triton_dequant.KINDS for name in ("gate_up_proj", "down_proj")):
             return self._grouped_mlp(xs, counts)
+        gate_up, down = self.qtensor("gate_up_proj"), self.qtensor("down_proj")
+        if not xs.is_cuda and gate_up is not None and down is not None and \
+                kernels.grouped_ok(xs, gate_up) and kernels.grouped_ok(xs, down):
+            gate, up = kernels.grouped_linear(xs, counts, gate_up).chunk(2, dim=-1)
+            return kernels.grouped_linear(F.gelu(gate, approximate="tanh") * up, counts, down)
         outs, start = [], 0
         for expert, count in enumerate(counts.tolist()):
             if count:
