@@ -6,6 +6,10 @@ optional comparisons in the same process (transformers' `DiffusionGemmaForBlockD
 tensors; autoregressive decoding with `ar_generate`), the measurements, and their table, JSON and PNG.
 Must not: change the engine, the network or the sampler; assert timings (tests check structure only).
 
+Runs go implementation by implementation (the last `--quant` format is quantized in place after the float runs, to
+bound the peak), or with `interleave` every implementation is warmed first and then each takes one measured run in
+turn, `repeat` rounds, so a machine whose speed drifts over minutes slows every implementation alike (every format
+is then in memory at once).
 What is measured, per implementation and batch size (the median over `repeat` runs is reported):
 - decode tokens/s = new tokens / denoising time. The denoising time comes from a timestamp taken after every
   denoising step (our `on_step` callback; the reference's draft streamer): one step costs the mean gap between
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -77,6 +82,7 @@ class BenchOptions:
     force: bool = False
     quant: tuple[str, ...] = ()  # also run these weight-only formats ("int8", "int4"), quantized from the same weights
     group_size: int = 64  # int4 group size for `quant`
+    interleave: bool = False  # measured runs alternate between implementations; every format stays in memory
 
     def __post_init__(self):
         if self.model is None and self.shape not in PRESET_NAMES:
@@ -442,25 +448,42 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
     gen = torch.Generator().manual_seed(opts.seed)
     prompts = {b: torch.randint(3, cfg.vocab_size, (b, opts.prompt_len), generator=gen).tolist()
                for b in opts.batches}
-    for batch in opts.batches:
-        for impl in ["ours"] + [name for name in ("reference", "ar") if name in opts.compare]:
-            _record(result, impl, model, ref, prompts[batch], kw, new_tokens, opts, settings, log)
-    del ref
+    measure = functools.partial(_measure, kw=kw, new_tokens=new_tokens, opts=opts, log=log)
+    record = functools.partial(_record, result, new_tokens=new_tokens, settings=settings, opts=opts, log=log)
+    entries = [(impl, model, ref, prompts[batch]) for batch in opts.batches
+               for impl in ["ours"] + [name for name in ("reference", "ar") if name in opts.compare]]
+    if not opts.interleave:
+        for entry in entries:
+            record(*entry, measure(*entry))
+        entries, ref = [], None
     for i, kind in enumerate(opts.quant):
         log(f"quantizing the weights to {kind}")
-        qnet = quantized(net, kind, opts.group_size if kind == "int4" else None, in_place=i == len(opts.quant) - 1)
+        in_place = i == len(opts.quant) - 1 and not opts.interleave
+        qnet = quantized(net, kind, opts.group_size if kind == "int4" else None, in_place=in_place)
         qmodel = Model(qnet, model.settings, None, model.path)
-        for batch in opts.batches:
-            _record(result, kind, qmodel, None, prompts[batch], kw, new_tokens, opts, settings, log)
-        del qnet, qmodel
+        quant_entries = [(kind, qmodel, None, prompts[batch]) for batch in opts.batches]
+        if opts.interleave:
+            entries += quant_entries
+            continue
+        for entry in quant_entries:
+            record(*entry, measure(*entry))
+        del qnet, qmodel, quant_entries
+    if opts.interleave:  # warm every implementation, then one measured run of each in turn, `repeat` times
+        runs = [measure(*entry, repeat=0) for entry in entries]
+        for i in range(opts.repeat):
+            log(f"interleaved round {i + 1}/{opts.repeat}")
+            for entry, done in zip(entries, runs):
+                done += measure(*entry, repeat=1, warmup=0)
+        for entry, done in zip(entries, runs):
+            record(*entry, done)
     result["ratios"] = _ratios(result["runs"])
     return result
 
 
-def _record(result: dict, impl: str, model: Model, ref, prompts: list[list[int]], kw: dict, new_tokens: int,
-            opts: BenchOptions, settings: GenerationSettings, log: Callable[[str], None]) -> None:
-    """Measure one implementation at one batch size, check fixed-step runs, and append its summary to `result`."""
-    runs = _measure(impl, model, ref, prompts, kw, new_tokens, opts, log)
+def _record(result: dict, impl: str, model: Model, ref, prompts: list[list[int]], runs: list[Run], *, new_tokens: int,
+            settings: GenerationSettings, opts: BenchOptions, log: Callable[[str], None]) -> None:
+    """Check one implementation's runs at one batch size (fixed-step runs ran every step) and append their summary
+    to `result`."""
     if impl != "ar" and not opts.adaptive:
         counts = [s for r in runs for s in r.steps_per_canvas + [n for row in r.row_steps for n in row]]
         wrong = [s for s in counts if s != settings.max_denoising_steps]
@@ -473,9 +496,12 @@ def _record(result: dict, impl: str, model: Model, ref, prompts: list[list[int]]
         f"{summary['end_to_end_tokens_per_s']:.1f} end-to-end tok/s, {summary['ms_per_step']:.1f} ms/step")
 
 
-def _measure(impl: str, model: Model, ref, prompts: list[list[int]], kw: dict, new_tokens: int, opts: BenchOptions,
-             log: Callable[[str], None]) -> list[Run]:
-    """Warm-up runs (2 steps per canvas; autoregressive: 2 tokens), then the measured runs of one implementation."""
+def _measure(impl: str, model: Model, ref, prompts: list[list[int]], *, kw: dict, new_tokens: int, opts: BenchOptions,
+             log: Callable[[str], None], repeat: int | None = None, warmup: int | None = None) -> list[Run]:
+    """Warm-up runs (2 steps per canvas; autoregressive: 2 tokens), then the measured runs of one implementation
+    (`warmup` and `repeat` default to the options')."""
+    warmup = opts.warmup if warmup is None else warmup
+    repeat = opts.repeat if repeat is None else repeat
     warm_kw = {**kw, "max_denoising_steps": min(2, kw["max_denoising_steps"])}
 
     def once(warm: bool, prefill: float = 0.0) -> Run:
@@ -485,14 +511,14 @@ def _measure(impl: str, model: Model, ref, prompts: list[list[int]], kw: dict, n
             return _run_reference(ref, prompts, warm_kw if warm else kw, opts.seed, model.device)
         return _run_ar(model.net, prompts, min(new_tokens, 2) if warm else new_tokens, prefill)
 
-    for _ in range(opts.warmup):
+    for _ in range(warmup):
         once(True)
     # Autoregressive decode time is the call minus the prompt's prefill, timed apart (warm).
-    prefill = statistics.median(_prefill_seconds(model.net, prompts) for _ in range(opts.repeat)) \
-        if impl == "ar" else 0.0
+    prefill = statistics.median(_prefill_seconds(model.net, prompts) for _ in range(repeat)) \
+        if impl == "ar" and repeat else 0.0
     runs = []
-    for i in range(opts.repeat):
-        log(f"{impl} batch {len(prompts)}: run {i + 1}/{opts.repeat}")
+    for i in range(repeat):
+        log(f"{impl} batch {len(prompts)}: run {i + 1}/{repeat}")
         runs.append(once(False, prefill))
     return runs
 
@@ -638,6 +664,9 @@ def add_arguments(p) -> None:
                    help="also run these weight-only formats, quantized in memory from the same weights")
     p.add_argument("--group-size", type=int, choices=list(INT4_GROUP_SIZES), default=64,
                    help="int4 group size for --quant (default: 64)")
+    p.add_argument("--interleave", action="store_true",
+                   help="alternate the measured runs between implementations (fairer on a noisy machine; keeps every "
+                        "--quant format in memory at once)")
     p.add_argument("--json-out", default=None, help="write the results as JSON to this path")
     p.add_argument("--png", default=None, help="write a bar chart to this path")
     p.add_argument("--force", action="store_true", help="run 26b-a4b on the CPU anyway")
@@ -649,7 +678,7 @@ def cmd_bench(args) -> int:
         new_tokens=args.new_tokens, steps=args.steps, adaptive=args.adaptive, device=args.device, dtype=args.dtype,
         repeat=args.repeat, warmup=args.warmup, seed=args.seed, compare=tuple(dict.fromkeys(args.compare)),
         reference_experts=args.reference_experts, force=args.force, quant=tuple(dict.fromkeys(args.quant)),
-        group_size=args.group_size,
+        group_size=args.group_size, interleave=args.interleave,
     )
     result = run_bench(opts, log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     print(format_table(result))

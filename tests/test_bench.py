@@ -98,6 +98,24 @@ def test_quantized_formats_run_from_the_same_weights():
     assert "int4 / ours" in format_table(result)
 
 
+def test_interleaved_runs_measure_every_implementation_repeat_times():
+    opts = BenchOptions(shape="tiny", batches=(1, 2), prompt_len=4, steps=2, warmup=1, repeat=2, compare=("ar",),
+                        quant=("int8", "int4"), interleave=True)
+    log: list[str] = []
+    result = run_bench(opts, log=log.append)
+    runs = {(r["impl"], r["batch"]): r for r in result["runs"]}
+    assert list(runs) == [(impl, b) for b in (1, 2) for impl in ("ours", "ar")] + \
+        [(kind, b) for kind in ("int8", "int4") for b in (1, 2)]
+    assert all(len(r["repeats"]) == 2 for r in runs.values())
+    assert all(r["steps_per_canvas"] == [2] for (impl, _), r in runs.items() if impl != "ar")
+    reads = [runs[impl, 1]["step_weight_bytes"] for impl in ("ours", "int8", "int4")]
+    assert reads[0] > reads[1] > reads[2] > 0
+    # One measured run of each implementation per round, rounds in turn: the logs of round 1 precede round 2's.
+    measured = [m.split(":")[0] for m in log if ": run " in m]
+    assert measured == 2 * [f"{impl} batch {b}" for impl, b in runs]
+    assert log.index("interleaved round 2/2") == len(log) - 1 - len(runs) - len(runs)
+
+
 def test_quantized_copy_leaves_the_float_model_intact():
     import torch
 
