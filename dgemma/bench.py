@@ -455,7 +455,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
     if not opts.interleave:
         for entry in entries:
             record(*entry, measure(*entry))
-        entries, ref = [], None
+        entries, ref = [], None  # frees the reference before the last format is quantized in place
     for i, kind in enumerate(opts.quant):
         log(f"quantizing the weights to {kind}")
         in_place = i == len(opts.quant) - 1 and not opts.interleave

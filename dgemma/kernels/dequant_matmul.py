@@ -39,6 +39,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if CPU_BF16 and x.dtype == torch.float32 and x.device.type == "cpu" else x.dtype
 
 
+def _per_channel(q: QTensor) -> bool:
+    """One scale per output channel and no offset (int8 per channel, fp8): products may use the codes as they are and
+    scale the output."""
+    return q.scale.shape[-1] == 1 and q.offset is None
+
+
 def _tile_rows(q: QTensor) -> int:
     elements = GPU_TILE_ELEMENTS if q.codes.is_cuda else TILE_ELEMENTS
     return max(1, elements // q.in_features)
@@ -53,7 +59,7 @@ def _tile_linear(x: torch.Tensor, q: QTensor, out_dtype: torch.dtype) -> torch.T
     """x [M, K] (in the compute dtype) @ W[N, K]^T -> [M, N] in `out_dtype` for one tile. With one scale per row and
     no offset (per-channel int8, fp8) the codes are multiplied as they are and the scales applied to the much smaller
     output."""
-    if q.scale.shape[-1] == 1 and q.offset is None:
+    if _per_channel(q):
         return torch.mm(x, q.codes.to(x.dtype).t()).to(out_dtype).mul_(q.scale.view(1, -1).to(out_dtype))
     return torch.mm(x, dequantize(q, x.dtype).t()).to(out_dtype)
 
@@ -91,7 +97,7 @@ def grouped_linear(xs: torch.Tensor, counts: torch.Tensor, q: QTensor) -> torch.
     `linear`, per-channel weights scale the output rather than the weight. Needs `grouped_ok(xs, q)`."""
     e, n, k = q.shape
     x = xs.to(_compute_dtype(xs))  # [P, K]
-    per_channel = q.scale.shape[-1] == 1 and q.offset is None
+    per_channel = _per_channel(q)
     ends = counts.cumsum(0)  # [E]
     bounds = [0] + ends.tolist()
     out = xs.new_empty(xs.shape[0], n)  # [P, N]
