@@ -204,8 +204,15 @@ def triton_mlp(xs: torch.Tensor, counts: torch.Tensor, gate_up, down) -> torch.T
     [E, 2I, H] and down [E, H, I] are float weights in xs's dtype or int8/int4 QTensors."""
     from ..kernels import triton_dequant  # here, not at the top: the kernels' module imports the quant package
 
-    gate, up = triton_dequant.grouped_linear(xs, counts, gate_up).chunk(2, dim=-1)  # [P, I] each
-    return triton_dequant.grouped_linear(F.gelu(gate, approximate="tanh") * up, counts, down)
+    return gated_mlp(xs, lambda x: triton_dequant.grouped_linear(x, counts, gate_up),
+                     lambda h: triton_dequant.grouped_linear(h, counts, down))
+
+
+def gated_mlp(xs: torch.Tensor, gate_up, down) -> torch.Tensor:
+    """The experts' gated MLP given its two products: gate_up(xs [P, H]) -> gate, up [P, I] each; returns
+    down(gelu_tanh(gate) * up) [P, H]."""
+    gate, up = gate_up(xs).chunk(2, dim=-1)
+    return down(F.gelu(gate, approximate="tanh") * up)
 
 
 class Experts(nn.Module):
@@ -225,14 +232,21 @@ class Experts(nn.Module):
             return triton_mlp(xs, counts, self.gate_up_proj, self.down_proj)
         if _grouped_ok(xs, self.gate_up_proj, self.down_proj):
             offsets = counts.cumsum(0).to(torch.int32)
-            gate, up = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-            hidden = (F.gelu(gate, approximate="tanh") * up).contiguous()
-            return torch._grouped_mm(hidden, self.down_proj.transpose(1, 2), offs=offsets)
+            return gated_mlp(xs, lambda x: torch._grouped_mm(x, self.gate_up_proj.transpose(1, 2), offs=offsets),
+                             lambda h: torch._grouped_mm(h.contiguous(), self.down_proj.transpose(1, 2), offs=offsets))
+        return self._expert_loop(xs, counts)
+
+    def _product(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        """x [P, K] @ weight `name`[expert]^T -> [P, N]."""
+        return F.linear(x, getattr(self, name)[expert])
+
+    def _expert_loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """`_mlp` expert by expert through `_product`."""
         outs, start = [], 0
         for expert, count in enumerate(counts.tolist()):
             if count:
-                gate, up = F.linear(xs[start:start + count], self.gate_up_proj[expert]).chunk(2, dim=-1)
-                outs.append(F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[expert]))
+                outs.append(gated_mlp(xs[start:start + count], lambda x: self._product(x, "gate_up_proj", expert),
+                                      lambda h: self._product(h, "down_proj", expert)))
                 start += count
         return torch.cat(outs)
 

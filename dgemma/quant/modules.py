@@ -30,7 +30,7 @@ from ..config import ModelConfig
 from ..kernels import dequant_matmul as kernels
 from ..kernels import triton_dequant
 from ..model.diffusion_gemma import DiffusionGemma
-from ..model.layers import Experts, triton_mlp
+from ..model.layers import Experts, gated_mlp, triton_mlp
 from .formats import QTensor, dequantize, quantize
 
 _LINEAR = re.compile(r"(layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)|"
@@ -183,15 +183,9 @@ class QuantExperts(_Quantized, Experts):
         gate_up, down = self.qtensor("gate_up_proj"), self.qtensor("down_proj")
         if not xs.is_cuda and gate_up is not None and down is not None and \
                 kernels.grouped_ok(xs, gate_up) and kernels.grouped_ok(xs, down):
-            gate, up = kernels.grouped_linear(xs, counts, gate_up).chunk(2, dim=-1)
-            return kernels.grouped_linear(F.gelu(gate, approximate="tanh") * up, counts, down)
-        outs, start = [], 0
-        for expert, count in enumerate(counts.tolist()):
-            if count:
-                gate, up = self._product(xs[start:start + count], "gate_up_proj", expert).chunk(2, dim=-1)
-                outs.append(self._product(F.gelu(gate, approximate="tanh") * up, "down_proj", expert))
-                start += count
-        return torch.cat(outs)
+            return gated_mlp(xs, lambda x: kernels.grouped_linear(x, counts, gate_up),
+                             lambda h: kernels.grouped_linear(h, counts, down))
+        return self._expert_loop(xs, counts)
 
     def _grouped_mlp(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """`_mlp` with one grouped Triton launch per product; both weights int8/int4, needs `available(xs)`."""
