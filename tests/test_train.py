@@ -13,7 +13,7 @@ import torch
 import dgemma
 from dgemma.train import trainer as trainer_mod
 from dgemma.train.data import ChatData, Shape
-from dgemma.train.objective import corrupt
+from dgemma.train.objective import ObjectiveOptions, corrupt, losses
 from dgemma.train.trainer import Trainer, read_config
 from dgemma.tokenizer import Tokenizer
 
@@ -219,6 +219,7 @@ def test_chat_data_supervises_only_the_reply(tmp_path):
     ({"train": {"max_prefix": 5000}}, "needs 5008 positions"),
     ({"train": {"parallel": "zero3"}}, "train.parallel must be 'ddp' or 'fsdp'"),
     ({"objective": {"span": 1.5}}, "objective.span is a probability"),
+    ({"objective": {"lines": 0.5}}, "objective.lines chooses among span rows"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, change, match):
     cfg = write_config(tmp_path, **change)
@@ -316,7 +317,37 @@ def test_span_corruption_noises_one_run_and_uniform_noise_is_unchanged():
     assert not torch.equal(mixed, noisy)
 
 
-def test_span_objective_trains(tmp_path):
-    cfg = write_config(tmp_path, train={"steps": 2, "save_every": 2, "eval_every": 2}, objective={"span": 0.5})
+def test_line_spans_noise_one_whole_line():
+    """lines=1: a span row whose block holds line starts has exactly the run from one of them (each chosen over the
+    rows) to the next one or the block's end noised; a block without one falls back to a random span."""
+    c, vocab, rows = 12, 50, 60
+    line_start = torch.zeros(vocab, dtype=torch.bool)
+    line_start[[7, 9]] = True
+    lined = torch.tensor([1, 7, 2, 3, 9, 4, 5, 6, 7, 8, 10, 11])  # lines begin at positions 1, 4 and 8
+    block = torch.stack([lined] * rows + [torch.arange(20, 20 + c)] * rows)
+    t = torch.rand(2 * rows, generator=torch.Generator().manual_seed(3))
+    noisy, rate = corrupt(block, t, vocab, _streams(2 * rows), span=1.0, lines=1.0, line_start=line_start)
+    starts = set()
+    for i, g in enumerate(_streams(2 * rows)):
+        torch.rand(2, generator=g)  # the span and line coins
+        if i < rows:
+            k = int(torch.randint(0, 3, (1,), generator=g))
+            start, end = [(1, 4), (4, 8), (8, 12)][k]
+            starts.add(start)
+        else:
+            length = int(torch.randint(1, c + 1, (1,), generator=g))
+            start = int(torch.randint(0, c - length + 1, (1,), generator=g))
+            end = start + length
+        inside = (torch.arange(c) >= start) & (torch.arange(c) < end)
+        noise = torch.randint(0, vocab, (c,), generator=g)
+        assert torch.equal(noisy[i], torch.where(inside, noise, block[i])) and rate[i] == (end - start) / c
+    assert starts == {1, 4, 8}
+    with pytest.raises(ValueError, match="objective.lines needs"):
+        losses(None, None, ObjectiveOptions(span=0.5, lines=0.5), [])
+
+
+@pytest.mark.parametrize("objective", [{"span": 0.5}, {"span": 0.5, "lines": 0.5}])
+def test_span_objective_trains(tmp_path, objective):
+    cfg = write_config(tmp_path, train={"steps": 2, "save_every": 2, "eval_every": 2}, objective=objective)
     t = run(cfg)
     assert all(torch.isfinite(torch.tensor(v)) for v in t.history["loss"])

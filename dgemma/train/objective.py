@@ -5,8 +5,8 @@ keys/values the decoder reads); each block is corrupted with uniform noise at a 
 decoder's cross-entropy on the clean block tokens (flat mean, optionally weighted by 1/(1 - t)); plus the encoder's
 causal next-token loss on the clean sequence; two-pass self-conditioning with some probability (the first pass
 without gradients); optionally a MoE load-balancing loss. Optionally (`span`) some blocks are corrupted as one
-contiguous span instead, the shape of an infill hole between clean text. Several consecutive blocks per sequence are
-supported.
+contiguous span instead, the shape of an infill hole between clean text, and (`lines`) some of those spans are one
+whole line of the text, the shape of a single-line hole. Several consecutive blocks per sequence are supported.
 Must not: own data loading, optimisers or distribution; every random draw comes from the generators handed in.
 """
 
@@ -30,12 +30,15 @@ class ObjectiveOptions:
     max_weight: float = 10.0
     balance_weight: float = 0.0  # MoE load-balancing loss weight (0 = off)
     span: float = 0.0  # probability, per example and block, of span corruption instead of uniform noise (0 = off)
+    lines: float = 0.0  # probability that a span row's span is one whole line, where its block holds a line start
 
     def __post_init__(self):
-        for name in ("self_conditioning", "span"):
+        for name in ("self_conditioning", "span", "lines"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"objective.{name} is a probability in [0, 1], got {value!r}")
+        if self.lines > 0 and self.span == 0:
+            raise ValueError("objective.lines chooses among span rows: set objective.span above 0 too")
         if not 0.0 < self.eps < 1.0:
             raise ValueError(f"objective.eps must be in (0, 1), got {self.eps!r}")
 
@@ -55,20 +58,32 @@ class Batch:
 
 
 def corrupt(block: torch.Tensor, t: torch.Tensor, vocab: int, rows: list[torch.Generator],
-            span: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+            span: float = 0.0, lines: float = 0.0,
+            line_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Corrupt block [B, C]: each token is replaced by a uniform random id with probability t [B]; row i draws from
     rows[i]. With probability `span` a row instead has one contiguous run replaced (length uniform in 1..C, start
-    uniform where it fits) and the rest kept clean. Returns (noisy block [B, C], each row's noised fraction [B]: t
-    for uniform rows, run length / C for span rows)."""
+    uniform where it fits) and the rest kept clean. With probability `lines`, a span row whose block holds a token
+    that begins a line (line_start [vocab] bool: ids whose text starts with a newline) has one whole line replaced
+    instead: from such a token (chosen uniformly) up to the next one or the block's end, the shape of a single-line
+    hole (newline, indentation and line). Returns (noisy block [B, C], each row's noised fraction [B]: t for
+    uniform rows, run length / C for span rows). Without `lines` the draws are those made before the option."""
     c = block.shape[1]
     position = torch.arange(c)
+    starts = line_start.to(block.device)[block].cpu() if lines > 0 else None  # [B, C] bool
     flips, rates = [], []
-    for g, rate in zip(rows, t.tolist()):
+    for i, (g, rate) in enumerate(zip(rows, t.tolist())):
         if span > 0 and torch.rand(1, generator=g).item() < span:
-            length = int(torch.randint(1, c + 1, (1,), generator=g))
-            start = int(torch.randint(0, c - length + 1, (1,), generator=g))
-            flips.append((position >= start) & (position < start + length))
-            rates.append(length / c)
+            if lines > 0 and torch.rand(1, generator=g).item() < lines and bool(starts[i].any()):
+                where = starts[i].nonzero().flatten()
+                k = int(torch.randint(0, len(where), (1,), generator=g))
+                start = int(where[k])
+                end = int(where[k + 1]) if k + 1 < len(where) else c
+            else:
+                length = int(torch.randint(1, c + 1, (1,), generator=g))
+                start = int(torch.randint(0, c - length + 1, (1,), generator=g))
+                end = start + length
+            flips.append((position >= start) & (position < end))
+            rates.append((end - start) / c)
         else:
             flips.append(torch.rand(c, generator=g) < rate)
             rates.append(rate)
@@ -114,7 +129,7 @@ class _RouterRecorder:
 
 def losses(net: DiffusionGemma, batch: Batch, opts: ObjectiveOptions, rows: list[torch.Generator],
            normaliser: dict[str, float] | None = None, balance_scale: float = 1.0,
-           uniform_passes: bool = False) -> dict[str, torch.Tensor]:
+           uniform_passes: bool = False, line_start: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Loss terms for one batch. Returns {"loss", "diffusion", "ar"[, "balance"]}; "loss" is the weighted sum.
     rows[i] is row i's own random stream (noise rate, corruption, self-conditioning coin), so a row trains the
     same whichever batch or process it lands in.
@@ -122,7 +137,10 @@ def losses(net: DiffusionGemma, batch: Batch, opts: ObjectiveOptions, rows: list
     and data-parallel ranks share one global mean), else by this batch's own counts; the balance term (a mean per
     batch) enters "loss" times `balance_scale` (1 / number of micro-batches summed).
     `uniform_passes` runs the first self-conditioning pass even when no row of this batch uses it (its signal is then
-    zeroed, which changes no number), so that every process makes the same calls (sharded training)."""
+    zeroed, which changes no number), so that every process makes the same calls (sharded training).
+    `line_start` [vocab] bool marks the ids that begin a line; `opts.lines` needs it (see `corrupt`)."""
+    if opts.lines > 0 and line_start is None:
+        raise ValueError("objective.lines needs the ids that begin a line (line_start)")
     cfg = net.config
     c, b = cfg.canvas_length, batch.ids.shape[0]
     t_len = batch.ids.shape[1]
@@ -154,7 +172,7 @@ def losses(net: DiffusionGemma, batch: Batch, opts: ObjectiveOptions, rows: list
             lo, hi = prefix + j * c, prefix + (j + 1) * c
             clean, mask = batch.ids[:, lo:hi], batch.supervise[:, lo:hi]
             t = opts.eps + (1 - opts.eps) * _uniform(rows, clean.device)
-            noisy, t = corrupt(clean, t, cfg.vocab_size, rows, opts.span)
+            noisy, t = corrupt(clean, t, cfg.vocab_size, rows, opts.span, opts.lines, line_start)
             use_sc = _uniform(rows, clean.device) < opts.self_conditioning
             sc_logits = None
             if bool(use_sc.any()) or (uniform_passes and opts.self_conditioning > 0):

@@ -231,6 +231,14 @@ def _shard(net: DiffusionGemma, device: torch.device, world: int) -> None:
     net.set_reduce_scatter_unused_params(True)
 
 
+def _line_starts(tokenizer: Tokenizer, vocab: int) -> torch.Tensor:
+    """[vocab] bool: the ids whose text begins with a newline (where a line starts, for objective.lines)."""
+    mask = torch.zeros(vocab, dtype=torch.bool)
+    mask[:tokenizer.vocab_size] = torch.tensor([tokenizer.decode([i]).startswith("\n")
+                                                for i in range(tokenizer.vocab_size)])
+    return mask
+
+
 def _rows(global_rows: int, rank: int, world: int) -> range:
     if global_rows % world:
         raise ValueError(f"train.batch_size {global_rows} is not divisible by {world} processes")
@@ -283,6 +291,8 @@ class Trainer:
                                       {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=tuple(t.betas))
         if state is not None:
             self._restore_optimizer(state)
+        self.line_start = _line_starts(self.tokenizer, self.net.config.vocab_size) if cfg.objective.lines > 0 \
+            else None
 
     # -- model ----------------------------------------------------------------------------------------------------
     def _build(self, state):
@@ -367,7 +377,8 @@ class Trainer:
             gens = [torch.Generator().manual_seed(stream_seed(seed, step, m, r, 1)) for r in rows]
             with self._autocast():
                 out = losses(self.net, b, self.cfg.objective, gens, normaliser=counts,
-                             balance_scale=1.0 / (t.grad_accum * self.world), uniform_passes=self.sharded)
+                             balance_scale=1.0 / (t.grad_accum * self.world), uniform_passes=self.sharded,
+                             line_start=self.line_start)
             out["loss"].backward()
             for k in logged:
                 logged[k] += float(out[k].detach())
@@ -399,7 +410,7 @@ class Trainer:
             b = self.eval_data.batch(self.shape, 1_234_567, i, 0, rows).to(self.device)
             with self._autocast():
                 gens = [torch.Generator().manual_seed(stream_seed(i, r)) for r in rows]
-                total += float(losses(self.net, b, self.cfg.objective, gens)["loss"])
+                total += float(losses(self.net, b, self.cfg.objective, gens, line_start=self.line_start)["loss"])
         self.net.train()
         return total / t.eval_batches
 
