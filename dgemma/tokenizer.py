@@ -197,6 +197,11 @@ class Tokenizer:
             ids = ids.tolist()
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def line_starts(self, size: int | None = None) -> list[bool]:
+        """Per id (padded with False to `size`): whether its text begins with a newline, i.e. it starts a line."""
+        flags = [self.decode([i]).startswith("\n") for i in range(self.vocab_size)]
+        return flags + [False] * ((size or 0) - len(flags))
+
     def _token_str(self, token_id: int | None) -> str:
         return (self.backend.id_to_token(token_id) or "") if token_id is not None else ""
 

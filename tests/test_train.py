@@ -12,7 +12,7 @@ import torch
 
 import dgemma
 from dgemma.train import trainer as trainer_mod
-from dgemma.train.data import ChatData, Shape
+from dgemma.train.data import ChatData, Shape, TextData
 from dgemma.train.objective import ObjectiveOptions, corrupt, losses
 from dgemma.train.trainer import Trainer, read_config
 from dgemma.tokenizer import Tokenizer
@@ -220,6 +220,8 @@ def test_chat_data_supervises_only_the_reply(tmp_path):
     ({"train": {"parallel": "zero3"}}, "train.parallel must be 'ddp' or 'fsdp'"),
     ({"objective": {"span": 1.5}}, "objective.span is a probability"),
     ({"objective": {"lines": 0.5}}, "objective.lines chooses among span rows"),
+    ({"data": {"line_aligned": 2.0}}, "data.line_aligned is a probability"),
+    ({"data": {"kind": "chat", "line_aligned": 0.5}}, "data.line_aligned applies to text data"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, change, match):
     cfg = write_config(tmp_path, **change)
@@ -344,6 +346,27 @@ def test_line_spans_noise_one_whole_line():
     assert starts == {1, 4, 8}
     with pytest.raises(ValueError, match="objective.lines needs"):
         losses(None, None, ObjectiveOptions(span=0.5, lines=0.5), [])
+
+
+def test_line_aligned_rows_start_their_first_block_at_a_line(tmp_path):
+    """line_aligned=1: each row is the window drawn without the option moved forward to the first line start at or
+    after its block's start; line_aligned=0 draws exactly the rows drawn before the option."""
+    f = tmp_path / "m.py"
+    f.write_text(CODE * 6)
+    tok = Tokenizer.byte_level()
+    newline = tok.encode("\n")[0]
+    assert tok.line_starts(tok.vocab_size + 3)[newline] and len(tok.line_starts(tok.vocab_size + 3)) == \
+        tok.vocab_size + 3 and sum(tok.line_starts()) == 1
+    shape = Shape(canvas_length=8, blocks=2, min_prefix=5, max_prefix=5)
+    plain = TextData([f], tok).batch(shape, 0, 3, 0, range(16)).ids
+    aligned = TextData([f], tok, line_aligned=1.0).batch(shape, 0, 3, 0, range(16)).ids
+    assert torch.equal(plain, TextData([f], tok, line_aligned=0.0).batch(shape, 0, 3, 0, range(16)).ids)
+    stream = TextData([f], tok).stream.long()
+    for before, after in zip(plain, aligned):
+        start = next(i for i in range(len(stream)) if torch.equal(stream[i:i + 21], before))
+        moved = next(i for i in range(start, len(stream)) if stream[i + 5] == newline)
+        assert torch.equal(after, stream[moved:moved + 21])
+    assert (aligned[:, 5] == newline).all() and not (plain[:, 5] == newline).all()
 
 
 @pytest.mark.parametrize("objective", [{"span": 0.5}, {"span": 0.5, "lines": 0.5}])

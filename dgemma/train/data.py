@@ -65,9 +65,12 @@ class Shape:
 
 
 class TextData:
-    """Documents as [bos] + tokens + [eos], concatenated into one stream; rows are random windows of it."""
+    """Documents as [bos] + tokens + [eos], concatenated into one stream; rows are random windows of it. With
+    probability `line_aligned` a row's window moves forward so that its first block starts a line (at the next
+    token whose text begins with a newline), the place where a prompt ends and generation or an infill hole begins;
+    a window that cannot move stays where it was."""
 
-    def __init__(self, files: list[Path], tokenizer: Tokenizer):
+    def __init__(self, files: list[Path], tokenizer: Tokenizer, line_aligned: float = 0.0):
         docs = []
         for f in files:
             try:
@@ -81,6 +84,9 @@ class TextData:
             stream.extend(bos + enc.ids + eos)
         self.stream = torch.tensor(stream, dtype=torch.int32)
         self.files = files
+        self.line_aligned = line_aligned
+        if line_aligned > 0:
+            self.line_positions = torch.tensor(tokenizer.line_starts())[self.stream].nonzero().flatten()
 
     def __len__(self) -> int:
         return int(self.stream.numel())
@@ -94,10 +100,19 @@ class TextData:
         for row in rows:
             gen = _row_generator(seed, step, micro, row)
             start = int(torch.randint(0, len(self) - width, (1,), generator=gen))
+            if self.line_aligned > 0 and torch.rand(1, generator=gen).item() < self.line_aligned:
+                start = self._aligned(start, prefix, width)
             ids.append(self.stream[start:start + width].long())
         ids = torch.stack(ids)
         ones = torch.ones_like(ids, dtype=torch.bool)
         return Batch(ids, ones, ones.clone(), shape.blocks)
+
+    def _aligned(self, start: int, prefix: int, width: int) -> int:
+        """`start` moved forward so that position start + prefix is the next line start, when the window fits."""
+        i = int(torch.searchsorted(self.line_positions, start + prefix))
+        if i < len(self.line_positions) and int(self.line_positions[i]) - prefix + width < len(self):
+            return int(self.line_positions[i]) - prefix
+        return start
 
 
 class ChatData:

@@ -63,6 +63,7 @@ class DataSection:
     train: list = field(default_factory=list)  # globs
     heldout: list = field(default_factory=list)  # globs; empty = no held-out loss
     skip_bad_lines: bool = False
+    line_aligned: float = 0.0  # text: probability that a row's first block starts a line (see TextData)
 
 
 @dataclass
@@ -138,6 +139,10 @@ class TrainConfig:
             raise ValueError(f"train.parallel must be 'ddp' or 'fsdp', got {t.parallel!r}")
         if self.data.kind not in ("text", "chat"):
             raise ValueError(f"data.kind must be 'text' or 'chat', got {self.data.kind!r}")
+        if not 0.0 <= self.data.line_aligned <= 1.0:
+            raise ValueError(f"data.line_aligned is a probability in [0, 1], got {self.data.line_aligned!r}")
+        if self.data.line_aligned > 0 and self.data.kind != "text":
+            raise ValueError("data.line_aligned applies to text data (chat blocks start at the reply)")
         if not self.data.train:
             raise ValueError("data.train must list at least one glob")
         if (self.model.preset is None) == (self.model.checkpoint is None):
@@ -231,14 +236,6 @@ def _shard(net: DiffusionGemma, device: torch.device, world: int) -> None:
     net.set_reduce_scatter_unused_params(True)
 
 
-def _line_starts(tokenizer: Tokenizer, vocab: int) -> torch.Tensor:
-    """[vocab] bool: the ids whose text begins with a newline (where a line starts, for objective.lines)."""
-    mask = torch.zeros(vocab, dtype=torch.bool)
-    mask[:tokenizer.vocab_size] = torch.tensor([tokenizer.decode([i]).startswith("\n")
-                                                for i in range(tokenizer.vocab_size)])
-    return mask
-
-
 def _rows(global_rows: int, rank: int, world: int) -> range:
     if global_rows % world:
         raise ValueError(f"train.batch_size {global_rows} is not divisible by {world} processes")
@@ -278,7 +275,8 @@ class Trainer:
                              f"{width} positions; the model takes {self.net.config.max_position_embeddings}")
         self.shape = Shape(c, t.blocks, t.min_prefix, t.max_prefix)
         data_cls = TextData if cfg.data.kind == "text" else ChatData
-        kwargs = {} if cfg.data.kind == "text" else {"skip_bad_lines": cfg.data.skip_bad_lines}
+        kwargs = {"line_aligned": cfg.data.line_aligned} if cfg.data.kind == "text" \
+            else {"skip_bad_lines": cfg.data.skip_bad_lines}
         self.train_data = data_cls(expand_globs(cfg.data.train, "data.train"), self.tokenizer, **kwargs)
         self.eval_data = data_cls(expand_globs(cfg.data.heldout, "data.heldout"), self.tokenizer, **kwargs) \
             if cfg.data.heldout else None
@@ -291,8 +289,8 @@ class Trainer:
                                       {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=tuple(t.betas))
         if state is not None:
             self._restore_optimizer(state)
-        self.line_start = _line_starts(self.tokenizer, self.net.config.vocab_size) if cfg.objective.lines > 0 \
-            else None
+        self.line_start = torch.tensor(self.tokenizer.line_starts(self.net.config.vocab_size)) \
+            if cfg.objective.lines > 0 else None
 
     # -- model ----------------------------------------------------------------------------------------------------
     def _build(self, state):
