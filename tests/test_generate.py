@@ -41,17 +41,22 @@ def _sampler(bound):
     return EntropyBoundSamplerConfig(entropy_bound=float(bound))
 
 
-def test_generate_matches_reference_end_to_end(ckpt_dir):
-    """20 config x seed cases in float32 on CPU; report the exact-match rate, which must be >= 90%."""
+@pytest.mark.parametrize("dtype, bar", [(torch.float64, 1.0), (torch.float32, 0.75)])
+def test_generate_matches_reference_end_to_end(ckpt_dir, dtype, bar):
+    """20 config x seed cases on CPU, ours and the reference in `dtype`; report the exact-match rate. In float64 every
+    case must match: the sampler's logic is the reference's. In float32 the two sum in different orders, and whether
+    that flips a near-tie draw depends on the CPU (17 to 20 of these cases match, by machine), so the bar only
+    catches float32-specific errors, which would make most cases diverge."""
     cases = list(itertools.product(sorted(CONFIGS), range(len(SETTINGS))))
     matches, early_stops = 0, 0
     for case, (name, k) in enumerate(cases):
         path, ref = reference_checkpoint(ckpt_dir, name, seed=10 + case)
-        model = dgemma.load(path)
+        model = dgemma.load(path, dtype=dtype)
         max_new, steps, bound, confidence, stability = SETTINGS[k]
         gen = torch.Generator().manual_seed(case)
         prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in ([13, 6] if case % 2 else [21])]
-        expected, ref_tpf = reference_tokens(ref, prompts, case, max_new, steps, bound, confidence, stability)
+        expected, ref_tpf = reference_tokens(ref.to(dtype), prompts, case, max_new, steps, bound, confidence,
+                                             stability)
         result = model.generate(prompts, max_new_tokens=max_new, max_denoising_steps=steps, entropy_bound=bound,
                                 confidence_threshold=confidence, stability_threshold=stability, seed=case)
         matches += result.token_ids == expected
@@ -59,8 +64,8 @@ def test_generate_matches_reference_end_to_end(ckpt_dir):
         if max_new % 16 == 0 and result.token_ids == expected:
             assert result.tokens_per_forward == pytest.approx(ref_tpf, rel=1e-6)
     rate = matches / len(cases)
-    print(f"\nend-to-end exact match with transformers generate: {matches}/{len(cases)} = {rate:.0%}")
-    assert len(cases) >= 20 and rate >= 0.9
+    print(f"\nend-to-end exact match with transformers generate in {dtype}: {matches}/{len(cases)} = {rate:.0%}")
+    assert len(cases) >= 20 and rate >= bar
     assert early_stops > 0, "no case exercised adaptive stopping"
 
 
