@@ -143,6 +143,16 @@ def test_resume_names_the_settings_changed_since_the_checkpoint(tmp_path):
     assert not any(line.startswith("resuming") for line in lines)
 
 
+def test_a_fresh_run_refuses_an_out_directory_holding_checkpoints(tmp_path):
+    """Starting over into a used train.out would prune the old run's checkpoints by name: refused, nothing touched."""
+    cfg = write_config(tmp_path, train={"steps": 2, "save_every": 2, "eval_every": 2})
+    run(cfg)
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(ValueError, match="run/? already holds checkpoints of a run: pass --resume"):
+        Trainer(read_config(cfg))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+
+
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     cfg = write_config(tmp_path)
     calls = {"n": 0}

@@ -262,6 +262,9 @@ class Trainer:
             if latest is None:
                 raise ValueError(f"--resume: no checkpoint under {self.out}")
             state = self._load_state(latest)
+        elif any(p.is_dir() for p in self.out.glob("step-*")):  # a fresh run would prune that run's checkpoints
+            raise ValueError(f"{self.out} already holds checkpoints of a run: pass --resume to continue it, or set "
+                             "another train.out")
         self.tokenizer, self.net = self._build(state)
         self.sharded = t.parallel == "fsdp" and self.world > 1
         if self.sharded:
