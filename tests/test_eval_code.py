@@ -2,6 +2,7 @@
 tiny checkpoint (structure, rates in [0, 1], a train-only baseline, deterministic sample selection)."""
 
 import json
+import warnings
 
 import pytest
 
@@ -195,3 +196,15 @@ def test_cli_prints_one_json_object(tiny_dir, capsys):
     assert report["infill"]["diffusion"]["n"] == 2 and report["completion"]["ar"]["n"] == 2
     assert main(["eval-code", "--model", str(tiny_dir), "--limit", "0"]) == 2
     assert "limit must be a positive integer" in capsys.readouterr().err
+
+
+def test_scanning_a_file_with_an_old_escape_prints_no_warning():
+    """Library files hold escapes such as "\\(" that ast.parse warns about; listing holes and functions, and scoring,
+    must stay quiet (Python 3.12 prints that SyntaxWarning by default)."""
+    source = 'def f():\n    """Doc."""\n    x = "\\("\n    return x\n'
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ec.infill_lines(source) == [3, 4]
+        assert ec.completion_candidates(source) == [(1, 2, 4)]
+        assert ec.parses(source)
+    assert [str(w.message) for w in caught] == []

@@ -43,7 +43,6 @@ import statistics
 import sys
 import time
 import tokenize
-import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,7 @@ from typing import Iterable, Sequence
 from ..api import Model, load
 from ..engine.ar import ar_generate
 from ..tokenizer import Tokenizer
-from .stdlib import stdlib_files, stdlib_root
+from .stdlib import parse_quietly, stdlib_files, stdlib_root
 
 MODES = ("diffusion", "ar")
 _OPEN, _CLOSE = {"(", "[", "{"}, {")", "]", "}"}
@@ -77,9 +76,7 @@ def is_code_line(line: str) -> bool:
 def parses(source: str) -> bool:
     """True when `ast.parse` accepts the source (syntax warnings ignored)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ast.parse(source)
+        parse_quietly(source)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return False
     return True
@@ -103,7 +100,7 @@ def _functions(tree: ast.AST) -> Iterable[ast.FunctionDef | ast.AsyncFunctionDef
 def infill_lines(source: str) -> list[int]:
     """Sorted 1-based numbers of the lines that may become holes: inside a function body (below its header), code
     (not blank or comment-only), and not part of a docstring or of any string literal spanning several lines."""
-    tree = ast.parse(source)
+    tree = parse_quietly(source)
     lines = split_lines(source)
     strings = set()
     for node in ast.walk(tree):
@@ -166,7 +163,7 @@ def completion_candidates(source: str) -> list[tuple[int, int, int]]:
     """(def line, docstring's last line, function's last line) of every function with a docstring followed by code
     on later lines, sorted."""
     out = []
-    for fn in _functions(ast.parse(source)):
+    for fn in _functions(parse_quietly(source)):
         doc = _docstring(fn)
         if doc is not None and len(fn.body) > 1 and fn.body[1].lineno > doc.end_lineno:
             out.append((fn.lineno, doc.end_lineno, fn.end_lineno))

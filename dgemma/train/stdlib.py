@@ -1,7 +1,8 @@
 """The running interpreter's standard-library Python source as a code corpus, split into train and held-out files.
 
-Owns: where the standard library lives (`stdlib_root`), which files belong to the corpus, and the fixed held-out
-modules (`HELD_OUT_MODULES`) kept for evaluation only. A corpus file is a `.py` file under the root that
+Owns: where the standard library lives (`stdlib_root`), which files belong to the corpus (`parse_quietly` parses
+one without warnings), and the fixed held-out modules (`HELD_OUT_MODULES`) kept for evaluation only. A corpus file is a
+`.py` file under the root that
 - is not inside `site-packages` / `dist-packages` (third-party code), `__pycache__` or the build's `config-*` folder,
 - is not the generated, platform-specific `_sysconfigdata_*.py`,
 - decodes as UTF-8 and parses with `ast.parse`.
@@ -57,13 +58,18 @@ def split_of(path: Path, root: Path | None = None) -> str | None:
     return None if any(name.startswith(HELD_OUT_MODULES) for name in names) else "train"
 
 
+def parse_quietly(source: str) -> ast.Module:
+    """`ast.parse` without its syntax warnings: library files hold old escapes such as "\\(" that Python 3.11 warns
+    about (3.12 as a SyntaxWarning printed by default), which says nothing about whether the code parses."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ast.parse(source)
+
+
 def _is_python(path: Path) -> bool:
     """True when the file decodes as UTF-8 and parses (syntax warnings such as bad escapes are ignored)."""
     try:
-        source = path.read_bytes().decode("utf-8")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ast.parse(source)
+        parse_quietly(path.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, SyntaxError, ValueError, RecursionError):
         return False
     return True
