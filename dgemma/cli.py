@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -68,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
                          "(default: the --to format)")
     qz.add_argument("--embedding", default="int8", choices=["int8", "int4", "float"],
                     help="format of the tied embedding / head (default: int8)")
+    qz.add_argument("--calibrate", metavar="FILES", nargs="+", default=None,
+                    help="text files or globs (** allowed) to calibrate on: rounds the attention, dense and expert "
+                         "weights by GPTQ instead of to nearest; loads the whole float model")
+    qz.add_argument("--calibration-windows", type=int, default=256,
+                    help="calibration windows of two canvases each (default: 256)")
+    qz.add_argument("--device", default="cpu", help="device for the calibration passes, e.g. cuda (default: cpu)")
     qz.add_argument("--out", required=True, help="directory to write")
     qz.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -202,10 +209,38 @@ def cmd_init(args) -> int:
     return 0
 
 
+def _calibrated(args, embedding: str | None) -> dict:
+    """GPTQ-rounded weights of `args.model` for `dgemma quantize --calibrate`, on the CPU."""
+    import glob
+    import random
+
+    from .quant import gptq
+
+    fmt, group, dense = quant.convert.resolve_formats(args.to, args.group_size, args.dense, embedding)
+    files = set()
+    for pattern in args.calibrate:
+        found = {f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f)}
+        if not found:
+            raise ValueError(f"--calibrate {pattern!r} matches no files")
+        files |= found
+    files = sorted(files)
+    model = load(args.model, device=args.device)
+    if quant.is_quantized(model.net):
+        raise ValueError(f"--calibrate needs float weights; {args.model} is already quantized")
+    if model.tokenizer is None:
+        raise ValueError(f"--calibrate needs {args.model}'s tokenizer (tokenizer.json)")
+    random.Random(0).shuffle(files)
+    docs = (model.tokenizer.encode(open(f, encoding="utf-8", errors="replace").read()) for f in files)
+    windows = gptq.calibration_windows(docs, args.calibration_windows, 2 * model.config.canvas_length)
+    weights = gptq.calibrate(model.net, windows, fmt, group, dense, progress=not args.no_progress)
+    return {name: q.map(lambda t: t.cpu()) for name, q in weights.items()}
+
+
 def cmd_quantize(args) -> int:
-    summary = quant.quantize(args.model, args.out, args.to, args.group_size,
-                             embedding=None if args.embedding == "float" else args.embedding,
-                             progress=not args.no_progress, dense=args.dense)
+    embedding = None if args.embedding == "float" else args.embedding
+    calibrated = _calibrated(args, embedding) if args.calibrate else None
+    summary = quant.quantize(args.model, args.out, args.to, args.group_size, embedding=embedding,
+                             progress=not args.no_progress, dense=args.dense, calibrated=calibrated)
     print(f"wrote {args.to} checkpoint to {summary['out']}: {summary['bytes'] / 2**30:.3f} GiB "
           f"({summary['bytes_per_parameter']:.3f} bytes/parameter, from {summary['source_bytes'] / 2**30:.3f} GiB)")
     return 0

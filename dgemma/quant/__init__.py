@@ -2,12 +2,13 @@
 
     quantize_model(net, "int4", 64)          swap a loaded float model's weights for quantized ones, in place
     quantize(src, out, "int4", 64)           convert a checkpoint (float, FP8 or .gguf) to a quantized directory
+    gptq.calibrate(net, windows, "int4", 64) calibrated (GPTQ) weights to pass to either of the two above
     weight_loader(path)                      the loader `dgemma.load` uses for a quantized or FP8 directory
     load_gguf(path, device, dtype)           a model from a .gguf file
     describe(path, dtype)                    format and resident bytes of a quantized or FP8 directory (`dgemma info`)
 
-Owns the dispatch between the formats (formats.py), the modules (modules.py), the quantized directory layout
-(convert.py), FP8 (fp8.py) and GGUF (gguf.py). Must not: change the model code; everything is swapped in after the
+Owns the dispatch between the formats (formats.py), the modules (modules.py), calibrated rounding (gptq.py), the
+quantized directory layout (convert.py), FP8 (fp8.py) and GGUF (gguf.py). Must not: change the model code; everything is swapped in after the
 network is built.
 """
 
@@ -28,7 +29,7 @@ from . import convert, fp8
 from .convert import Entry, quantize
 from .formats import QTensor, dequantize
 from .gguf import GGUFFile, is_gguf
-from .modules import build, quantize_model
+from .modules import build, is_quantized, quantize_model
 
 __all__ = ["quantize_model", "quantize", "weight_loader", "load_gguf", "describe", "is_gguf", "open_source",
            "QTensor", "dequantize"]

@@ -9,7 +9,7 @@ model*.safetensors files. config.json carries the format (never the file names):
 
 `format` applies to the expert weights; `dense` ("int8" or "int4"; absent = `format`) to the other linears (attention,
 dense and self-conditioning MLPs); `embedding` ("int8", "int4" or null for float) to the tied embedding; `group_size`
-is null for int8 per output channel. Norms, the router, scales and layer scalars stay in their stored float dtype.
+(every quantized weight's, the embedding's too) is null for int8 per output channel. Norms, the router, scales and layer scalars stay in their stored float dtype.
 
 `quantize` reads a float, FP8 or GGUF source one tensor at a time, quantizes it, and writes shards of at most
 `shard_bytes`, so converting the 50 GB release needs a few GB of memory. Output appears atomically (written to a
@@ -36,7 +36,7 @@ from ..checkpoint import atomic_directory
 from ..config import ModelConfig
 from ..model.diffusion_gemma import DiffusionGemma
 from .formats import INT4_GROUP_SIZES, QTensor, dequantize, quantize as quantize_tensor, quantized_nbytes
-from .modules import EMBEDDING, build, role, weight_group, weight_kind
+from .modules import EMBEDDING, build, role, weight_kind
 
 METHOD = "dgemma"
 Entry = tuple[str, "QTensor | torch.Tensor"]
@@ -173,12 +173,11 @@ def resident_bytes(cfg: ModelConfig, fmt: str, group_size: int | None, embedding
         net = DiffusionGemma(cfg)
     total = 0
     for target, t in net.state_dict().items():
-        r = role(target)
-        kind = weight_kind(r, fmt, dense, embedding)
+        kind = weight_kind(role(target), fmt, dense, embedding)
         if kind is None:
             total += t.numel() * float_bytes
         else:
-            total += quantized_nbytes(tuple(t.shape), kind, weight_group(kind, r, group_size))
+            total += quantized_nbytes(tuple(t.shape), kind, group_size)
     return total
 
 
@@ -230,17 +229,9 @@ class _ShardWriter:
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def quantize(src: str | os.PathLike, out: str | os.PathLike, fmt: str, group_size: int | None = None,
-             embedding: str | None = "int8", shard_bytes: int = 2 << 30, progress: bool = True,
-             dense: str | None = None) -> dict:
-    """Convert the checkpoint at `src` (float or FP8 directory, Hub id, or .gguf file) to `fmt` ("int8"/"int4") in
-    directory `out`, tensor by tensor. `group_size`: int4 group (32, 64 or 128); for int8, None = per output channel.
-    `dense`: format of the linears outside the experts ("int8" or "int4"; None = `fmt`). `embedding`: format of the
-    tied embedding ("int8", "int4" or None to keep it float). Returns a summary."""
-    from tqdm import tqdm
-
-    from . import open_source
-
+def resolve_formats(fmt: str, group_size: int | None, dense: str | None,
+                    embedding: str | None) -> tuple[str, int | None, str]:
+    """Checked (format, group size, dense format) with the defaults filled in: int4 groups of 64, dense = format."""
     if fmt not in ("int8", "int4"):
         raise ValueError(f"--to must be int8 or int4, got {fmt!r}")
     dense = dense or fmt
@@ -253,6 +244,22 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, fmt: str, group_siz
     for flag, kind in (("dense", dense), ("embedding", embedding)):
         if kind == "int4" and group_size is None:
             raise ValueError(f"--{flag} int4 needs a group size (--group-size 32, 64 or 128)")
+    return fmt, group_size, dense
+
+
+def quantize(src: str | os.PathLike, out: str | os.PathLike, fmt: str, group_size: int | None = None,
+             embedding: str | None = "int8", shard_bytes: int = 2 << 30, progress: bool = True,
+             dense: str | None = None, calibrated: dict[str, QTensor] | None = None) -> dict:
+    """Convert the checkpoint at `src` (float or FP8 directory, Hub id, or .gguf file) to `fmt` ("int8"/"int4") in
+    directory `out`, tensor by tensor. `group_size`: int4 group (32, 64 or 128); for int8, None = per output channel.
+    `dense`: format of the linears outside the experts ("int8" or "int4"; None = `fmt`). `embedding`: format of the
+    tied embedding ("int8", "int4" or None to keep it float). `calibrated`: weights already rounded for these formats
+    (`gptq.calibrate`), by parameter name, written instead of rounding them to nearest. Returns a summary."""
+    from tqdm import tqdm
+
+    from . import open_source
+
+    fmt, group_size, dense = resolve_formats(fmt, group_size, dense, embedding)
     src_info = open_source(src)
     out = Path(out)
     with atomic_directory(out) as tmp:
@@ -264,8 +271,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, fmt: str, group_siz
         for target, value in src_info.entries:
             size = value.nbytes if isinstance(value, QTensor) else value.numel() * value.element_size()
             in_bytes += size
-            r = role(target)
-            kind = weight_kind(r, fmt, dense, embedding)
+            kind = weight_kind(role(target), fmt, dense, embedding)
             if isinstance(value, QTensor):
                 value = dequantize(value, torch.float32)
             params += 0 if "_layer_scalars." in target else value.numel()
@@ -274,7 +280,12 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, fmt: str, group_siz
                 float_dtype = float_dtype or value.dtype
                 writer.add(name, value)
             else:
-                q = quantize_tensor(value, kind, weight_group(kind, r, group_size))
+                q = calibrated.get(target) if calibrated else None
+                if q is None:
+                    q = quantize_tensor(value, kind, group_size)
+                elif q.kind != kind or q.shape != value.shape:
+                    raise ValueError(f"calibrated weight {target!r} is {q.kind} {tuple(q.shape)}; the checkpoint "
+                                     f"needs {kind} {tuple(value.shape)}")
                 writer.add(name, q.codes)
                 writer.add(name + "_scale", q.scale)
                 if q.offset is not None:

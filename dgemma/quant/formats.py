@@ -99,7 +99,7 @@ def group_for(in_features: int, requested: int | None) -> int:
     return group
 
 
-def _int8_rows(x: torch.Tensor, group: int, scale_dtype: torch.dtype):
+def int8_rows(x: torch.Tensor, group: int, scale_dtype: torch.dtype):
     """x [R, K] float32 -> codes int8 [R, K], scale [R, K // group]."""
     r, k = x.shape
     xg = x.view(r, k // group, group)
@@ -109,7 +109,7 @@ def _int8_rows(x: torch.Tensor, group: int, scale_dtype: torch.dtype):
     return codes.view(r, k), scale
 
 
-def _int4_rows(x: torch.Tensor, group: int):
+def int4_rows(x: torch.Tensor, group: int):
     """x [R, K] float32 -> codes uint8 [R, K] (0..15, unpacked), scale and offset float16 [R, K // group].
     Asymmetric min/max per group; the clipping ratio with the smallest squared error is kept per group."""
     r, k = x.shape
@@ -167,9 +167,9 @@ def quantize(weight: torch.Tensor, kind: str, group_size: int | None = None) -> 
     for start in range(0, rows.shape[0], step):
         chunk = rows[start:start + step].float()
         if kind == "int8":
-            c, s = _int8_rows(chunk, group, torch.float32)
+            c, s = int8_rows(chunk, group, torch.float32)
         else:
-            c, s, o = _int4_rows(chunk, group)
+            c, s, o = int4_rows(chunk, group)
             c = pack_int4(c, group)
             offsets.append(o)
         codes.append(c)

@@ -55,11 +55,6 @@ def weight_kind(weight_role: str | None, fmt: str, dense: str | None, embedding:
     return {"experts": fmt, "linear": dense or fmt, "embedding": embedding}.get(weight_role)
 
 
-def weight_group(kind: str, weight_role: str, group_size: int | None) -> int | None:
-    """The group size a weight is quantized with: an int8 embedding is always per row, the rest use `group_size`."""
-    return None if kind == "int8" and weight_role == "embedding" else group_size
-
-
 _METADATA = ("dim", "size", "numel", "element_size", "is_floating_point", "__len__")
 
 
@@ -193,7 +188,7 @@ class QuantExperts(_Quantized, Experts):
 
 
 class QuantEmbedding(_Quantized, nn.Module):
-    """The tied embedding [V, H] stored quantized (int8 per row by default); `.weight` is a QuantWeight view."""
+    """The tied embedding [V, H] stored quantized; `.weight` is a QuantWeight view."""
 
     def __init__(self, q: QTensor, compute_dtype: torch.dtype):
         super().__init__()
@@ -238,10 +233,12 @@ def _swap(net: DiffusionGemma, target: str, value: QTensor, dtype: torch.dtype) 
 
 @torch.no_grad()
 def quantize_model(net: DiffusionGemma, kind: str, group_size: int | None = None,
-                   embedding: str | None = "int8", dense: str | None = None) -> DiffusionGemma:
+                   embedding: str | None = "int8", dense: str | None = None,
+                   calibrated: dict[str, QTensor] | None = None) -> DiffusionGemma:
     """Swap every quantizable weight of a loaded float model for its `kind` ("int8"/"int4") form, in place.
     `dense` ("int8" or "int4"; None = `kind`) sets the format of the linears outside the experts; `embedding`
-    ("int8", "int4" or None to keep it float) the tied embedding's; an int8 embedding is per row."""
+    ("int8", "int4" or None to keep it float) the tied embedding's. `calibrated` (from `gptq.calibrate` with the same
+    formats) supplies calibrated weights by name; the rest are rounded to nearest."""
     dtype = net.dtype
     for target in [name for name, _ in net.named_parameters()]:  # names only: each float weight is freed once swapped
         r = role(target)
@@ -250,7 +247,12 @@ def quantize_model(net: DiffusionGemma, kind: str, group_size: int | None = None
             continue
         module, leaf = _parent(net, target)
         weight = getattr(module, leaf)  # a parameter, or the float buffer of a half-swapped QuantExperts
-        _swap(net, target, quantize(weight, wanted, weight_group(wanted, r, group_size)), dtype)
+        value = calibrated.get(target) if calibrated else None
+        if value is None:
+            value = quantize(weight, wanted, group_size)
+        elif value.kind != wanted:
+            raise ValueError(f"calibrated weight {target!r} is {value.kind}, but this format makes it {wanted}")
+        _swap(net, target, value, dtype)
         del weight
     return net
 
