@@ -196,3 +196,26 @@ def test_repeated_key_value_heads_attend_as_grouped_query_attention(monkeypatch)
     grouped = attn.attend(q, k, v, mask)
     monkeypatch.setattr(layers, "repeat_kv", lambda q: True)
     torch.testing.assert_close(attn.attend(q, k, v, mask), grouped)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoding_into_reused_buffers_gives_the_same_logits(dtype):
+    """`decode(..., out=, probs=)` (what the eager steps use, to spare a CPU the page faults of fresh [B, C, V]
+    buffers) gives the very logits of a plain call, with and without self-conditioning, and writes them into `out`."""
+    from dgemma.bench import random_network
+    from dgemma.engine.cache import KVCache
+
+    cfg = preset("tiny")
+    net = random_network(cfg, torch.device("cpu"), dtype, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    prompt = torch.randint(3, cfg.vocab_size, (2, 9), generator=gen)
+    canvas = torch.randint(3, cfg.vocab_size, (2, cfg.canvas_length), generator=gen)
+    cache = KVCache(cfg, 2)
+    net.encode(prompt, cache)
+    first = net.decode(canvas, cache)
+    second = net.decode(canvas, cache, first * 1.7)
+    out, probs = torch.full_like(first, float("nan")), torch.full_like(first, float("nan"))
+    assert net.decode(canvas, cache, out=out).data_ptr() == out.data_ptr()
+    assert torch.equal(out, first)
+    again = net.decode(canvas, cache, first * 1.7, out=out, probs=probs)
+    assert again.data_ptr() == out.data_ptr() and torch.equal(again, second)

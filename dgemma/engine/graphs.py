@@ -11,7 +11,7 @@ repeated runs of one shape (a benchmark, a server with same-length prompts) capt
 the graphs (their memory, about one pass's activations each, is bounded that way). Each capture is preceded by one
 eager pass on the capture stream (lazy library set-up and Triton compilation must not happen inside a capture),
 whose result that step uses. A capture that fails leaves a warning and eager passes for the rest of the process.
-Elsewhere (the CPU, or DGEMMA_CUDA_GRAPHS=0) every step is the plain eager pass.
+Elsewhere (the CPU, or DGEMMA_CUDA_GRAPHS=0) every step is the plain eager pass, into reused logits buffers.
 Must not: sample, or change what a pass computes: a replay runs the very kernels the eager pass launches.
 """
 
@@ -100,9 +100,11 @@ _graphs: weakref.WeakKeyDictionary[DiffusionGemma, _Graphs] = weakref.WeakKeyDic
 
 class CanvasDecoder:
     """`decoder(canvas [B, C], sc_logits [B, C, V] or None) -> logits [B, C, V]`, the same as
-    `net.decode(canvas, cache, sc_logits)`, through CUDA graphs where `use_graphs` says so. The logits of a replay
-    are the graph's own output buffer: the next pass overwrites them (the engine reads them before its next call;
-    the rows it keeps frozen only feed them back as self-conditioning, whose result it discards)."""
+    `net.decode(canvas, cache, sc_logits)`, through CUDA graphs where `use_graphs` says so. The logits are a buffer
+    the decoder reuses: a replay's is the graph's output buffer, which the next pass overwrites; an eager pass writes
+    into one of two buffers taken in turn (with a third for the self-conditioning softmax), which the pass after next
+    overwrites. The engine reads them before its next call; the rows it keeps frozen only feed them back as
+    self-conditioning, whose result it discards."""
 
     capture: Callable = staticmethod(capture_cuda_graph)  # (fn, device) -> (replay, output, first result)
     _failed = False  # a capture failed once in this process: no more attempts
@@ -114,10 +116,19 @@ class CanvasDecoder:
             self.cache = _bucketed(cache, net.config.canvas_length)
         self._weights = _weights(net) if self.graphs else None
         self._loaded: _Graphs | None = None  # the graphs whose static cache holds this canvas's cache
+        self._buffers: list[torch.Tensor] = []  # eager passes: two logits buffers taken in turn, then the softmax's
+        self._turn = 0
+
+    def _eager(self, canvas: torch.Tensor, sc_logits: torch.Tensor | None) -> torch.Tensor:
+        shape = (*canvas.shape, self.net.config.vocab_size)
+        if not self._buffers or self._buffers[0].shape != shape:
+            self._buffers = [torch.empty(shape, dtype=torch.float32, device=canvas.device) for _ in range(3)]
+        out, self._turn = self._buffers[self._turn], 1 - self._turn
+        return self.net.decode(canvas, self.cache, sc_logits, out=out, probs=self._buffers[2])
 
     def __call__(self, canvas: torch.Tensor, sc_logits: torch.Tensor | None) -> torch.Tensor:
         if not self.graphs or CanvasDecoder._failed:
-            return self.net.decode(canvas, self.cache, sc_logits)
+            return self._eager(canvas, sc_logits)
         graphs = _graphs.get(self.net)
         key = (tuple(canvas.shape), self.cache.length, tuple(k is None for k in self.cache.keys), self._weights)
         if graphs is None or graphs.key != key:
@@ -138,7 +149,7 @@ class CanvasDecoder:
             if first is not None:
                 return first
             if CanvasDecoder._failed:
-                return self.net.decode(canvas, self.cache, sc_logits)
+                return self._eager(canvas, sc_logits)
         replay, out = graphs.passes[conditioned]
         replay()
         return out

@@ -112,13 +112,20 @@ class DiffusionGemma(nn.Module):
         scale = torch.tensor(self.config.hidden_size**0.5).to(self.dtype)
         return self.embed_tokens(ids) * scale
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [B, T, H] -> float32 logits [B, T, V] through the tied embedding, soft-capped."""
-        logits = F.linear(hidden, self.embed_tokens.weight).float()
+    def head(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [B, T, H] -> float32 logits [B, T, V] through the tied embedding, soft-capped; written into `out`
+        [B, T, V] float32 when given (the same numbers, without a new [B, T, V] allocation; no gradients)."""
+        weight = self.embed_tokens.weight
+        if out is None:
+            logits = F.linear(hidden, weight).float()
+        elif type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype == hidden.dtype == torch.float32:
+            logits = torch.matmul(hidden, weight.t(), out=out)  # what F.linear runs for a 3-D input without bias
+        else:
+            logits = out.copy_(F.linear(hidden, weight))
         cap = self.config.final_logit_softcapping
         if not cap:
             return logits
-        if torch.is_grad_enabled():
+        if out is None and torch.is_grad_enabled():
             return torch.tanh(logits / cap) * cap
         return logits.div_(cap).tanh_().mul_(cap)  # the same arithmetic in place: no [B, T, V] float32 temporaries
 
@@ -151,15 +158,17 @@ class DiffusionGemma(nn.Module):
         return hidden
 
     def decode(self, canvas: torch.Tensor, cache: KVCache, self_conditioning_logits: torch.Tensor | None = None,
-               self_conditioning_mask: torch.Tensor | None = None) -> torch.Tensor:
+               self_conditioning_mask: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
+               probs: torch.Tensor | None = None) -> torch.Tensor:
         """Bidirectional pass over canvas [B, C] placed right after the cached prefix; reads `cache` without
         writing it. self_conditioning_logits [B, C, V] are the previous step's processed logits (None on the
         first step); self_conditioning_mask [B] bool zeroes the signal of some rows (training). Returns float32
-        soft-capped logits [B, C, V]."""
+        soft-capped logits [B, C, V]. `out` (the logits) and `probs` (room for the self-conditioning softmax), both
+        [B, C, V] float32, only save allocations: on a CPU a fresh [B, C, V] buffer costs a page fault per 4 KiB."""
         x = self.embed(canvas)
         soft = None
         if self_conditioning_logits is not None:
-            probs = torch.softmax(self_conditioning_logits, dim=-1, dtype=torch.float32).to(self.dtype)
+            probs = _softmax_float32(self_conditioning_logits, probs).to(self.dtype)
             scale = torch.tensor(self.config.hidden_size**0.5).to(self.dtype)
             soft = (probs @ self.embed_tokens.weight) * scale
             if self_conditioning_mask is not None:
@@ -167,4 +176,11 @@ class DiffusionGemma(nn.Module):
         x = self.self_conditioning(x, soft)
         positions = cache.positions(canvas.shape[1], canvas.device)
         masks = cache.decoder_masks(canvas.shape[1])
-        return self.head(self._run(x, positions, masks, cache, self.decoder_layer_scalars, write=False))
+        return self.head(self._run(x, positions, masks, cache, self.decoder_layer_scalars, write=False), out)
+
+
+def _softmax_float32(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """torch.softmax(x, dim=-1, dtype=torch.float32), into `out` when given and x is float32 (the same kernel)."""
+    if out is not None and x.dtype == torch.float32:
+        return torch.ops.aten._softmax.out(x, -1, False, out=out)
+    return torch.softmax(x, dim=-1, dtype=torch.float32)
