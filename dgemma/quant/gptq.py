@@ -88,14 +88,12 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, kind: str, group_size: int
         wb = w[:, :, b0:b1]  # [E, N, B] view, updated in place
         errors = torch.empty_like(wb)
         for j in range(b1 - b0):
-            col = b0 + j
+            col, g = b0 + j, (b0 + j) // group
             if col % group == 0:
-                g = col // group
                 s, o = _group_params(wb[:, :, j:j + group].reshape(e * n, group).float(), kind)
                 scales[:, :, g] = s.view(e, n)
                 if offsets is not None:
                     offsets[:, :, g] = o.view(e, n)
-            g = col // group
             c, q = _round(wb[:, :, j], scales[:, :, g], None if offsets is None else offsets[:, :, g])
             codes[:, :, col] = c
             err = (wb[:, :, j] - q) / u[:, col, col][:, None]  # [E, N]
@@ -209,6 +207,10 @@ def calibrate(net: DiffusionGemma, windows: torch.Tensor, kind: str, group_size:
             wanted = weight_kind(role(target), kind, dense, None)
             module = net.get_submodule(target.rsplit(".", 1)[0])
             weight = getattr(module, target.rsplit(".", 1)[1])
-            out[target] = gptq(weight, h, wanted, group_size)
+            try:
+                out[target] = gptq(weight, h, wanted, group_size)
+            except torch.linalg.LinAlgError as err:
+                raise ValueError(f"the calibration statistics of {target} cannot be inverted ({err}); calibrate on "
+                                 "more text") from None
         del hessians
     return out
