@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     qz.add_argument("--model", required=True, help="source checkpoint directory, Hub repo id or .gguf file")
     qz.add_argument("--to", required=True, choices=["int8", "int4"], help="weight format")
     qz.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128],
-                    help="int4 group size (default 64); for int8, groups instead of one scale per output channel")
+                    help="inputs per scale for every quantized weight, the embedding's too (int4 default 64; int8 "
+                         "default: one scale per output channel)")
     qz.add_argument("--dense", default=None, choices=["int8", "int4"],
                     help="format of the linears outside the experts: attention, dense and self-conditioning MLPs "
                          "(default: the --to format)")
@@ -72,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     qz.add_argument("--calibrate", metavar="FILES", nargs="+", default=None,
                     help="text files or globs (** allowed) to calibrate on: rounds the attention, dense and expert "
                          "weights by GPTQ instead of to nearest; loads the whole float model")
-    qz.add_argument("--calibration-windows", type=int, default=256,
+    qz.add_argument("--calibration-windows", type=int, default=256, metavar="N",
                     help="calibration windows of two canvases each (default: 256)")
     qz.add_argument("--device", default="cpu", help="device for the calibration passes, e.g. cuda (default: cpu)")
     qz.add_argument("--out", required=True, help="directory to write")
