@@ -8,8 +8,8 @@
     describe(path, dtype)                    format and resident bytes of a quantized or FP8 directory (`dgemma info`)
 
 Owns the dispatch between the formats (formats.py), the modules (modules.py), calibrated rounding (gptq.py), the
-quantized directory layout (convert.py), FP8 (fp8.py) and GGUF (gguf.py). Must not: change the model code; everything is swapped in after the
-network is built.
+quantized directory layout (convert.py), FP8 (fp8.py) and GGUF (gguf.py). Must not: change the model code;
+everything is swapped in after the network is built.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ nibble. For G = 32 that is byte for byte llama.cpp's Q4_0/Q4_1 block layout, so 
 A requested group size that does not divide a row's K falls back to the largest even divisor of K below it
 (704 inputs with group 128 use groups of 88), so every shape of the released model quantizes.
 
-Owns: `QTensor`, `quantize`, `dequantize`, int4 pack/unpack and byte counts from shapes alone.
+Owns: `QTensor`, `quantize`, `dequantize`, the rounding rule (`round_codes`), int4 pack/unpack and byte counts from
+shapes alone.
 Must not: know module or checkpoint tensor names, devices beyond the tensors handed in, or files.
 """
 
@@ -99,13 +100,21 @@ def group_for(in_features: int, requested: int | None) -> int:
     return group
 
 
+def round_codes(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """The nearest codes of x for a scale (and int4 offset) broadcast against it, in x's float dtype: int8 (no
+    offset) -127..127 of x / scale, int4 0..15 of (x - offset) / scale."""
+    if offset is None:
+        return torch.round(x / scale).clamp_(-127, 127)
+    return torch.round((x - offset) / scale).clamp_(0, 15)
+
+
 def int8_rows(x: torch.Tensor, group: int, scale_dtype: torch.dtype):
     """x [R, K] float32 -> codes int8 [R, K], scale [R, K // group]."""
     r, k = x.shape
     xg = x.view(r, k // group, group)
     scale = (xg.abs().amax(-1) / 127).to(scale_dtype)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    codes = torch.round(xg / scale.float()[..., None]).clamp_(-127, 127).to(torch.int8)
+    codes = round_codes(xg, scale.float()[..., None]).to(torch.int8)
     return codes.view(r, k), scale
 
 
@@ -120,7 +129,7 @@ def int4_rows(x: torch.Tensor, group: int):
         scale = ((hi - lo) * clip / 15).clamp_min(2.0**-24).half()
         offset = (lo * clip).half()
         s, o = scale.float()[..., None], offset.float()[..., None]
-        codes = torch.round((xg - o) / s).clamp_(0, 15)
+        codes = round_codes(xg, s, o)
         err = (codes * s + o - xg).square_().sum(-1)
         if best_err is None:
             best_err, best_scale, best_offset = err, scale, offset
@@ -130,7 +139,7 @@ def int4_rows(x: torch.Tensor, group: int):
             best_scale = torch.where(better, scale, best_scale)
             best_offset = torch.where(better, offset, best_offset)
     s, o = best_scale.float()[..., None], best_offset.float()[..., None]
-    codes = torch.round((xg - o) / s).clamp_(0, 15).to(torch.uint8)
+    codes = round_codes(xg, s, o).to(torch.uint8)
     return codes.view(r, k), best_scale, best_offset
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from ..engine.cache import KVCache
 from ..model.diffusion_gemma import DiffusionGemma
 from ..model.layers import Experts
-from .formats import QTensor, group_for, int4_rows, int8_rows, pack_int4
+from .formats import QTensor, group_for, int4_rows, int8_rows, pack_int4, round_codes
 from .modules import role, weight_kind
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: keeps H invertible where inputs are few or collinear
@@ -47,13 +47,9 @@ def _group_params(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tenso
 
 def _round(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None):
     """x [R] -> (codes [R], dequantized [R]) with a group's scale and offset."""
-    s = scale.to(x.dtype)
-    if offset is None:
-        codes = torch.round(x / s).clamp_(-127, 127)
-        return codes, codes * s
-    o = offset.to(x.dtype)
-    codes = torch.round((x - o) / s).clamp_(0, 15)
-    return codes, codes * s + o
+    s, o = scale.to(x.dtype), None if offset is None else offset.to(x.dtype)
+    codes = round_codes(x, s, o)
+    return codes, codes * s if o is None else codes * s + o
 
 
 @torch.no_grad()
