@@ -71,8 +71,8 @@ def one_thread():
 
 @pytest.fixture
 def float32_products(monkeypatch):
-    """Quantized products in float32 even on CPUs whose fused path multiplies float32 as bfloat16 (AMX): for tests
-    that compare a quantized model with its dequantized float twin closely."""
+    """Quantized products in float32 even on CPUs whose fused path multiplies float32 as bfloat16 (AMX or AVX-512
+    BF16): for tests that compare a quantized model with its dequantized float twin closely."""
     from dgemma.kernels import dequant_matmul
 
     monkeypatch.setattr(dequant_matmul, "CPU_BF16", False)

@@ -70,7 +70,7 @@ def test_fused_kernels_match_reference(kind, dtype, cpu_bf16, monkeypatch):
     w = _weight(96, 128, seed=1)
     q = _fp8(w) if kind == "fp8" else quantize(w, kind, 32)
     monkeypatch.setattr(kernels, "TILE_ELEMENTS", 128 * 40)  # several tiles, the last one short
-    monkeypatch.setattr(kernels, "CPU_BF16", cpu_bf16)  # float32 multiplied as bfloat16, as on AMX CPUs
+    monkeypatch.setattr(kernels, "CPU_BF16", cpu_bf16)  # float32 multiplied as bfloat16, as on CPUs with bf16 hardware
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 5, 128, generator=gen).to(dtype)
     exact = dtype == torch.float32 and not cpu_bf16

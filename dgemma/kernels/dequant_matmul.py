@@ -6,10 +6,10 @@ tile after tile; weights with one scale per output channel skip the weight-side 
 instead. Stacked expert weights [E, N, K] (`grouped_linear`) are dequantized a few experts at a time and multiplied with
 torch._grouped_mm, one call per tile of experts. The reference path dequantizes the whole weight, then calls the plain
 PyTorch op; tests check that both agree on CPU. `FUSED` switches between them. Weights are decoded into the activations'
-dtype (float32 or bfloat16) and outputs come in that dtype, with one exception: on a CPU with AMX matrix units
-(`CPU_BF16`), the fused path multiplies float32 activations as bfloat16 (float32 accumulation, bfloat16 result), several
-times faster than float32 there, at bfloat16's rounding (about 2e-3 relative), the precision quantized weights are
-judged against.
+dtype (float32 or bfloat16) and outputs come in that dtype, with one exception: on a CPU that multiplies bfloat16 in
+hardware (AMX matrix units or AVX-512 BF16 dot products, `CPU_BF16`), the fused path multiplies float32 activations as
+bfloat16 (float32 accumulation, bfloat16 result), two to several times faster than float32 there, at bfloat16's
+rounding (about 2e-3 relative), the precision quantized weights are judged against.
 DGEMMA_CPU_BF16=0 keeps float32 products on such CPUs; =1 takes bfloat16 ones anywhere.
 This is plain PyTorch and runs anywhere; on a GPU, `linear` with a 2-D int8 or int4 weight goes to the Triton kernel
 in `triton_dequant` when Triton is installed (fp8 weights, `matmul` and `embedding` stay here).
@@ -30,8 +30,16 @@ FUSED = True
 TILE_ELEMENTS = 1 << 18
 GPU_TILE_ELEMENTS = 1 << 26
 EXPERT_TILE_ELEMENTS = 1 << 20
-CPU_BF16 = {"0": False, "1": True}.get(os.environ.get("DGEMMA_CPU_BF16", ""),
-                                      bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()))
+
+
+def _native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX tiles or AVX-512 BF16), where oneDNN's bfloat16 products
+    run at two or more times float32's speed; elsewhere they are emulated and slower."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+CPU_BF16 = {"0": False, "1": True}.get(os.environ.get("DGEMMA_CPU_BF16", ""), _native_cpu_bf16())
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
