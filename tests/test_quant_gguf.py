@@ -42,6 +42,65 @@ def _gguf_name(ours: str) -> str:
     return f"blk.{match.group(1)}.{_NAMES[match.group(2)]}" if match else _GLOBAL[ours]
 
 
+def _half_bytes(x) -> np.ndarray:
+    """float16 values [n] -> their bytes [n, 2]."""
+    return np.asarray(x, dtype=np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def _power_of_two(x: np.ndarray) -> np.ndarray:
+    """The smallest powers of two >= x (1 where x is 0), as float16: a super-block scale whose products with 6-bit
+    sub-block scales are exact in float16, so dgemma's float16 Q4_K scales equal the gguf package's float32 ones."""
+    return np.exp2(np.ceil(np.log2(np.where(x > 0, x, 1)))).astype(np.float16)
+
+
+def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
+    """float32 [R, K] (K a multiple of 256) -> valid Q4_K blocks uint8 [R, K / 256 * 144], by a plain min/max rule:
+    per 32-weight sub-block value = d * sc * q - dmin * m, d and dmin powers of two (see `_power_of_two`)."""
+    r, k = x.shape
+    sub = x.reshape(-1, 8, 32)  # [blocks, sub-block, weight]
+    low = np.minimum(sub.min(-1), 0)  # [blocks, 8]
+    step = (sub.max(-1) - low) / 15
+    d, dmin = _power_of_two(step.max(-1) / 63), _power_of_two(-low.min(-1) / 63)  # [blocks]
+    sc = np.clip(np.round(step / d.astype(np.float32)[:, None]), 1, 63).astype(np.uint8)
+    m = np.clip(np.round(-low / dmin.astype(np.float32)[:, None]), 0, 63).astype(np.uint8)
+    scale, offset = d.astype(np.float32)[:, None] * sc, dmin.astype(np.float32)[:, None] * m  # [blocks, 8]
+    q = np.clip(np.round((sub + offset[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)  # [blocks, 8, 32]
+    scales = np.concatenate([(sc[:, :4] & 63) | (sc[:, 4:] >> 4 << 6), (m[:, :4] & 63) | (m[:, 4:] >> 4 << 6),
+                             (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)], -1)  # [blocks, 12]
+    pairs = q.reshape(-1, 4, 2, 32)  # [blocks, 64-weight chunk, sub-block of the chunk, j]
+    qs = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
+    return np.concatenate([_half_bytes(d), _half_bytes(dmin), scales, qs], -1).reshape(r, k // 256 * 144)
+
+
+def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
+    """float32 [R, K] (K a multiple of 256) -> valid Q6_K blocks uint8 [R, K / 256 * 210], by absmax per 16 weights:
+    value = d * sc * (q - 32)."""
+    r, k = x.shape
+    sub = x.reshape(-1, 16, 16)  # [blocks, sub-block, weight]
+    step = np.abs(sub).max(-1) / 31  # [blocks, 16]
+    d = (step.max(-1) / 127).astype(np.float16)  # [blocks]
+    df = np.where(d == 0, 1, d).astype(np.float32)[:, None]
+    sc = np.clip(np.round(step / df), 1, 127).astype(np.int8)
+    scale = (df * sc)[..., None]  # [blocks, 16, 1]
+    q = (np.clip(np.round(sub / scale), -32, 31) + 32).astype(np.uint8).reshape(-1, 2, 128)  # [blocks, half, r]
+    ql = (q[..., :64] & 15) | ((q[..., 64:] & 15) << 4)  # [blocks, half, 64]
+    top = (q >> 4).reshape(-1, 2, 4, 32)  # [blocks, half, r // 32, r % 32]
+    qh = top[:, :, 0] | (top[:, :, 1] << 2) | (top[:, :, 2] << 4) | (top[:, :, 3] << 6)  # [blocks, half, 32]
+    return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8), _half_bytes(d)],
+                          -1).reshape(r, k // 256 * 210)
+
+
+def _quantize(data: np.ndarray, qtype) -> np.ndarray:
+    """gguf.quants.quantize, plus Q4_K and Q6_K (which the gguf package cannot quantize) by the rules above."""
+    writers = {Q.Q4_K: _q4_k_blocks, Q.Q6_K: _q6_k_blocks}
+    if qtype not in writers:
+        return gguf.quants.quantize(data, qtype)
+    packed = writers[qtype](data.reshape(-1, data.shape[-1]))
+    decoded = gguf.quants.dequantize(packed, qtype)  # valid blocks, close to the weights
+    assert np.sqrt(np.mean((decoded - data.reshape(decoded.shape)) ** 2)) < 0.1 * np.sqrt(np.mean(data ** 2))
+    return packed.reshape(*data.shape[:-1], -1)
+
+
 def write_gguf(path, net, types: dict, arch="diffusion_gemma", split_experts=False):
     """Write `net` as a GGUF file; `types` maps a weight kind ("attn", "mlp", "gate_up", "down", "embed") to its
     GGML type, everything 1-D is F32. Returns a float twin holding exactly the values the file decodes to."""
@@ -71,7 +130,7 @@ def write_gguf(path, net, types: dict, arch="diffusion_gemma", split_experts=Fal
         if qtype == Q.F32:
             w.add_tensor(name, data)
             return torch.from_numpy(data)
-        packed = gguf.quants.quantize(data, qtype)
+        packed = _quantize(data, qtype)
         w.add_tensor(name, packed, raw_dtype=qtype)
         return torch.from_numpy(gguf.quants.dequantize(packed, qtype))
 
@@ -161,3 +220,99 @@ def test_gguf_unknown_or_undecodable_tensor_type_is_refused(tiny_net, tmp_path):
     w.close()
     with pytest.raises(ValueError, match="token_embd.weight' has GGML type Q8_1, which the gguf package cannot"):
         dgemma.load(tmp_path / "q81.gguf")
+
+
+# Random but valid K-quant blocks: any bytes, with the float16 super-block scales set to chosen finite values.
+def _random_blocks(qtype, lead, k, halves: dict, seed=0) -> np.ndarray:
+    """uint8 [*lead, k / 256 * block size] of random blocks; `halves` maps a byte offset to a float16 value."""
+    size = gguf.GGML_QUANT_SIZES[qtype][1]
+    blocks = np.random.default_rng(seed).integers(0, 256, (*lead, k // 256, size), dtype=np.uint8)
+    for at, value in halves.items():
+        blocks[..., at:at + 2] = _half_bytes(value).reshape(2)
+    return blocks.reshape(*lead, -1)
+
+
+@pytest.mark.parametrize("d, dmin", [(2.0**-7, 2.0**-9), (0.01234, 0.00456), (3.1, 70.0)])
+def test_q4_k_blocks_repack_into_int4_groups_of_32(d, dmin):
+    from dgemma.quant.formats import dequantize
+    from dgemma.quant.gguf import _q4_k
+
+    raw = _random_blocks(Q.Q4_K, (2, 3), 512, {0: d, 2: dmin})
+    q = _q4_k(torch.from_numpy(raw).unflatten(-1, (2, 144)))
+    assert (q.kind, q.group_size, tuple(q.shape)) == ("int4", 32, (2, 3, 512))
+    assert q.scale.dtype == q.offset.dtype == torch.float16
+    # Scales and offsets: the products d * sc and -dmin * m, rounded to float16.
+    sc, m = gguf.quants.Q4_K.get_scale_min(raw.reshape(-1, 144)[:, 4:16])  # [blocks, 8] each
+    d32, dmin32 = np.float32(np.float16(d)), np.float32(np.float16(dmin))
+    np.testing.assert_array_equal(q.scale.numpy().reshape(-1, 8), (d32 * sc.astype(np.float32)).astype(np.float16))
+    np.testing.assert_array_equal(q.offset.numpy().reshape(-1, 8), (-dmin32 * m.astype(np.float32)).astype(np.float16))
+    ours = dequantize(q).numpy()
+    ref = gguf.quants.dequantize(raw, Q.Q4_K)  # [2, 3, 512]
+    if d == 2.0**-7:  # power-of-two scales: the products are exact in float16, so are the values
+        np.testing.assert_array_equal(ours, ref)
+    # Elsewhere within the float16 rounding of scale (times a code <= 15) and offset: a misplaced nibble or sub-block
+    # is off by at least one scale step, i.e. 2^11 / 15 times more.
+    scale = np.repeat(d32 * sc.astype(np.float32), 32, -1).reshape(ref.shape)
+    offset = np.repeat(dmin32 * m.astype(np.float32), 32, -1).reshape(ref.shape)
+    bound = 2.0**-11 * (15 * scale + offset) * (1 + 1e-6) + 1e-6 * np.abs(ref)
+    assert np.all(np.abs(ours - ref) <= bound)
+
+
+@pytest.mark.parametrize("d", [0.01234, 2.0**-20, 1000.0])
+def test_q6_k_blocks_repack_into_int8_groups_of_16_exactly(d):
+    from dgemma.quant.formats import dequantize
+    from dgemma.quant.gguf import _q6_k
+
+    raw = _random_blocks(Q.Q6_K, (2, 3), 768, {208: d}, seed=1)
+    q = _q6_k(torch.from_numpy(raw).unflatten(-1, (3, 210)))
+    assert (q.kind, q.group_size, tuple(q.shape), q.scale.dtype) == ("int8", 16, (2, 3, 768), torch.float32)
+    assert q.offset is None and q.codes.min() >= -32 and q.codes.max() <= 31
+    np.testing.assert_array_equal(dequantize(q).numpy(), gguf.quants.dequantize(raw, Q.Q6_K))
+
+
+def test_q6_k_and_q8_0_experts_fuse_into_int8():
+    from dgemma.quant.formats import dequantize
+    from dgemma.quant.gguf import _fuse, _q6_k
+
+    gate_raw = _random_blocks(Q.Q6_K, (2, 3), 256, {208: 0.01}, seed=2)
+    gate = _q6_k(torch.from_numpy(gate_raw).unflatten(-1, (1, 210)))
+    up_float = torch.randn(2, 3, 256, generator=torch.Generator().manual_seed(3))
+    up_raw = gguf.quants.quantize(up_float.numpy(), Q.Q8_0)
+    blocks = torch.from_numpy(up_raw).unflatten(-1, (-1, 34))
+    up = dgemma.quant.QTensor("int8", blocks[..., 2:].contiguous().view(torch.int8).flatten(-2),
+                              blocks[..., :2].contiguous().view(torch.float16).squeeze(-1))
+    fused = _fuse(gate, up)
+    assert (fused.kind, fused.group_size, tuple(fused.shape), fused.scale.dtype) == ("int8", 16, (2, 6, 256),
+                                                                                     torch.float32)
+    expected = np.concatenate([gguf.quants.dequantize(gate_raw, Q.Q6_K), gguf.quants.dequantize(up_raw, Q.Q8_0)], 1)
+    np.testing.assert_array_equal(dequantize(fused).numpy(), expected)
+
+
+@pytest.fixture(scope="module")
+def wide_net():
+    """The tiny model with every input width but attention's output a multiple of 256, as K-quants need."""
+    net = _realistic(preset("tiny", hidden_size=256, intermediate_size=256, moe_intermediate_size=256))
+    net.encoder_layer_scalars.copy_(net.decoder_layer_scalars)
+    return net
+
+
+@pytest.mark.parametrize("types, split", [
+    ({"attn": Q.Q8_0, "mlp": Q.Q6_K, "gate_up": Q.Q4_K, "down": Q.Q6_K, "embed": Q.Q4_K}, True),
+    ({"attn": Q.Q4_0, "mlp": Q.Q4_K, "gate_up": Q.Q6_K, "down": Q.Q4_K, "embed": Q.Q6_K}, False),
+])
+def test_gguf_k_quants_load_repacked_and_match_the_decoded_weights(wide_net, tmp_path, types, split,
+                                                                   float32_products):
+    path = tmp_path / "model.gguf"
+    twin = write_gguf(path, wide_net, types, split_experts=split)
+    model = dgemma.load(path)
+    assert model.config == wide_net.config
+    formats = {Q.Q4_K: ("int4", 32, torch.float16), Q.Q6_K: ("int8", 16, torch.float32)}
+    net, layer = model.net, model.net.layers[1]
+    for module, name, kind in [(layer.experts, "gate_up_proj", "gate_up"), (layer.experts, "down_proj", "down"),
+                               (layer.mlp.down_proj, "weight", "mlp"), (net.self_conditioning.up_proj, "weight", "mlp"),
+                               (net.embed_tokens, "weight", "embed")]:
+        q = module.qtensor(name)
+        assert q is not None, (name, kind)
+        assert (q.kind, q.group_size, q.scale.dtype) == formats[types[kind]]
+    torch.testing.assert_close(_logits(model), _logits(Model(twin)), rtol=1e-4, atol=1e-4)
+    assert model.parameter_bytes() < Model(wide_net).parameter_bytes() / 2.5  # float32 twin

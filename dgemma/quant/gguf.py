@@ -27,8 +27,12 @@ Tensor names (`N` = layer; shapes in PyTorch order; norms are multiplied as stor
     blk.N.layer_output_scale.weight -> layer scalar (both passes); blk.N.enc_layer_output_scale.weight -> encoder's
     sc.ffn_gate/ffn_up/ffn_down/ffn_norm.weight -> self_conditioning.gate_proj/up_proj/down_proj/pre_norm
 
-Q8_0, Q4_0 and Q4_1 weights are repacked without arithmetic into dgemma's int8 / int4 formats (group 32); F32, F16
-and BF16 load as float; every other type the package can decode (K-quants, IQ types, ...) is dequantized to float.
+Q8_0, Q4_0 and Q4_1 weights are repacked without arithmetic into dgemma's int8 / int4 formats (group 32). The
+K-quants of Q4_K_M / Q6_K files are repacked too, their codes by bit operations only: Q4_K -> int4 with group 32,
+scale d * sc and offset -dmin * m per 32-weight sub-block, each product of a float16 by a 6-bit integer rounded to
+float16 (so within float16 rounding of llama.cpp's values, not bit-exact); Q6_K -> int8 codes q - 32 with group 16
+and float32 scales d * sc (exact). F32, F16 and BF16 load as float; every other type the package can decode (Q5_0,
+other K-quants, IQ types, ...) is dequantized to float.
 The GGUF vocabulary is not read: a model loaded from GGUF takes token ids.
 Must not: write GGUF files or guess a mapping for other architectures.
 """
@@ -125,7 +129,7 @@ class GGUFFile:
     def _check_type(self, t) -> None:
         gguf = _gguf()
         q = gguf.GGMLQuantizationType
-        if t.tensor_type in (q.F32, q.F16, q.BF16, q.Q8_0, q.Q4_0, q.Q4_1):
+        if t.tensor_type in (q.F32, q.F16, q.BF16, q.Q8_0, q.Q4_0, q.Q4_1, q.Q4_K, q.Q6_K):
             return
         _, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
         try:
@@ -200,6 +204,10 @@ class GGUFFile:
                 return QTensor("int4", blocks[..., 2:].flatten(-2).contiguous(), scale, offset)
             offset = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1)
             return QTensor("int4", blocks[..., 4:].flatten(-2).contiguous(), scale, offset)
+        if t.tensor_type in (q.Q4_K, q.Q6_K):
+            _, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+            blocks = torch.from_numpy(np.array(data).reshape(*data.shape[:-1], -1, size))  # [..., N, K/256, size]
+            return _q4_k(blocks) if t.tensor_type == q.Q4_K else _q6_k(blocks)
         return torch.from_numpy(gguf.quants.dequantize(np.array(data), t.tensor_type).astype(np.float32))
 
     def _target(self, name: str) -> str | None:
@@ -235,10 +243,64 @@ class GGUFFile:
             yield target, self._value(name)
 
 
+def _q4_k(blocks: torch.Tensor) -> QTensor:
+    """Q4_K super-blocks uint8 [..., N, K/256, 144] -> int4 QTensor [..., N, K] with group 32.
+    A block is d f16, dmin f16, scales[12] (eight 6-bit scales sc and eight 6-bit mins m), qs[128]; weight value
+    d * sc[i] * q - dmin * m[i] for sub-block i of 32. In each 64-weight chunk c, qs byte 32c + j holds weight j of
+    sub-block 2c in its low nibble and weight j of sub-block 2c + 1 in its high one. The codes are moved into the int4
+    nibble layout by bit operations; scale d * sc[i] and offset -dmin * m[i] are rounded to float16."""
+    lead = blocks.shape[:-2]  # [..., N]
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float()  # [..., N, B, 1]
+    dmin = blocks[..., 2:4].contiguous().view(torch.float16).float()  # [..., N, B, 1]
+    packed = blocks[..., 4:16].unflatten(-1, (3, 4))  # [..., N, B, 3, 4]
+    lo, hi, mixed = packed[..., 0, :], packed[..., 1, :], packed[..., 2, :]  # [..., N, B, 4] each
+    # Sub-blocks 0-3: 6 bits in the low bits of bytes 0-3 (scales) and 4-7 (mins). Sub-blocks 4-7: low 4 bits in
+    # bytes 8-11 (scales low nibble, mins high nibble), top 2 bits in the top 2 bits of bytes 0-3 / 4-7.
+    sc = torch.cat([lo & 63, (mixed & 15) | ((lo >> 6) << 4)], -1)  # [..., N, B, 8]
+    m = torch.cat([hi & 63, (mixed >> 4) | ((hi >> 6) << 4)], -1)  # [..., N, B, 8]
+    qs = blocks[..., 16:].unflatten(-1, (4, 1, 32))  # [..., N, B, chunk, 1, j]
+    codes = torch.cat([qs & 15, qs >> 4], -2).flatten(-3, -2)  # [..., N, B, 8 sub-blocks, 32]
+    packed_codes = codes[..., :16] | (codes[..., 16:] << 4)  # [..., N, B, 8, 16]: byte j = inputs j and j + 16
+    scale = (d * sc.float()).half().flatten(-2)  # [..., N, K/32]
+    offset = (-(dmin * m.float())).half().flatten(-2)  # [..., N, K/32]
+    return QTensor("int4", packed_codes.reshape(*lead, -1), scale, offset)
+
+
+def _q6_k(blocks: torch.Tensor) -> QTensor:
+    """Q6_K super-blocks uint8 [..., N, K/256, 210] -> int8 QTensor [..., N, K] with group 16 and float32 scales.
+    A block is ql[128], qh[64], scales[16] int8, d f16; weight value d * sc[i] * (q - 32) for sub-block i of 16, q a
+    6-bit code. In each 128-weight half h, weight r has its low 4 bits in ql byte 64h + r % 64 (low nibble for
+    r < 64, high nibble above) and its top 2 bits in qh byte 32h + r % 32 at bit 2 * (r // 32). Codes q - 32 are
+    assembled by bit operations; d * sc is exact in float32 (at most 18 significant bits), and so is
+    code * scale (at most 23)."""
+    lead = blocks.shape[:-2]  # [..., N]
+    ql = blocks[..., :128].unflatten(-1, (2, 1, 64))  # [..., N, B, half, 1, 64]
+    qh = blocks[..., 128:192].unflatten(-1, (2, 1, 32))  # [..., N, B, half, 1, 32]
+    low = torch.cat([ql & 15, ql >> 4], -2).flatten(-2)  # [..., N, B, half, 128]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)  # [4, 1]
+    high = ((qh >> shifts) & 3).flatten(-2)  # [..., N, B, half, 128]
+    codes = (low | (high << 4)).to(torch.int8) - 32  # [..., N, B, half, 128], -32..31
+    sc = blocks[..., 192:208].contiguous().view(torch.int8).float()  # [..., N, B, 16]
+    d = blocks[..., 208:210].contiguous().view(torch.float16).float()  # [..., N, B, 1]
+    return QTensor("int8", codes.reshape(*lead, -1), (d * sc).flatten(-2))
+
+
 def _fuse(gate: QTensor | torch.Tensor, up: QTensor | torch.Tensor) -> QTensor | torch.Tensor:
-    """Stack gate [E, I, H] and up [E, I, H] rows into gate_up [E, 2I, H], keeping a shared quantized format."""
-    if isinstance(gate, QTensor) and isinstance(up, QTensor) and gate.kind == up.kind:
-        return QTensor(gate.kind, torch.cat([gate.codes, up.codes], -2), torch.cat([gate.scale, up.scale], -2),
-                       None if gate.offset is None else torch.cat([gate.offset, up.offset], -2))
+    """Stack gate [E, I, H] and up [E, I, H] rows into gate_up [E, 2I, H], keeping a shared quantized format. int8
+    halves with different groups (Q8_0's 32, Q6_K's 16) share the smaller one, the coarser scales repeated (exact);
+    other mixes are dequantized to float."""
+    if isinstance(gate, QTensor) and isinstance(up, QTensor) and gate.kind == up.kind == "int8":
+        group = min(gate.group_size, up.group_size)
+        if gate.group_size % group == 0 and up.group_size % group == 0:
+            gate, up = (x if x.group_size == group else
+                        QTensor("int8", x.codes, x.scale.repeat_interleave(x.group_size // group, -1))
+                        for x in (gate, up))
+    if isinstance(gate, QTensor) and isinstance(up, QTensor) and gate.kind == up.kind and \
+            gate.group_size == up.group_size:
+        def cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            dtype = torch.promote_types(a.dtype, b.dtype)  # float16 (Q8_0) with float32 (Q6_K) scales: float32
+            return torch.cat([a.to(dtype), b.to(dtype)], -2)
+        return QTensor(gate.kind, torch.cat([gate.codes, up.codes], -2), cat(gate.scale, up.scale),
+                       None if gate.offset is None else cat(gate.offset, up.offset))
     as_float = [dequantize(x) if isinstance(x, QTensor) else x.float() for x in (gate, up)]
     return torch.cat(as_float, -2)
