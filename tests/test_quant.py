@@ -71,6 +71,7 @@ def test_fused_kernels_match_reference(kind, dtype, cpu_bf16, monkeypatch):
     q = _fp8(w) if kind == "fp8" else quantize(w, kind, 32)
     monkeypatch.setattr(kernels, "TILE_ELEMENTS", 128 * 40)  # several tiles, the last one short
     monkeypatch.setattr(kernels, "CPU_BF16", cpu_bf16)  # float32 multiplied as bfloat16, as on CPUs with bf16 hardware
+    monkeypatch.setattr(kernels, "BF16_MIN_WORK", 0)  # however small the product
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 5, 128, generator=gen).to(dtype)
     exact = dtype == torch.float32 and not cpu_bf16
@@ -85,6 +86,16 @@ def test_fused_kernels_match_reference(kind, dtype, cpu_bf16, monkeypatch):
     assert torch.equal(kernels.embedding(ids, q, dtype), F.embedding(ids, dequantize(q, dtype)))
 
 
+def test_cpu_bfloat16_products_only_for_large_float32_products(monkeypatch):
+    monkeypatch.setattr(kernels, "CPU_BF16", True)
+    x = torch.zeros(4, 8)
+    assert kernels._compute_dtype(x, kernels.BF16_MIN_WORK - 1) == torch.float32
+    assert kernels._compute_dtype(x, kernels.BF16_MIN_WORK) == torch.bfloat16
+    assert kernels._compute_dtype(x.half(), kernels.BF16_MIN_WORK) == torch.float16
+    monkeypatch.setattr(kernels, "CPU_BF16", False)
+    assert kernels._compute_dtype(x, kernels.BF16_MIN_WORK) == torch.float32
+
+
 @pytest.mark.parametrize("kind, group", [("int8", None), ("int4", 32), ("fp8", None)])
 @pytest.mark.parametrize("cpu_bf16", [False, True])
 def test_grouped_experts_match_expert_by_expert(kind, group, cpu_bf16, monkeypatch):
@@ -92,6 +103,7 @@ def test_grouped_experts_match_expert_by_expert(kind, group, cpu_bf16, monkeypat
     q = _fp8(w) if kind == "fp8" else quantize(w, kind, group)
     monkeypatch.setattr(kernels, "EXPERT_TILE_ELEMENTS", 2 * 48 * 64)  # two experts per tile, the last tile short
     monkeypatch.setattr(kernels, "CPU_BF16", cpu_bf16)
+    monkeypatch.setattr(kernels, "BF16_MIN_WORK", 0)
     counts = torch.tensor([3, 0, 4, 1, 0])  # expert 1 and the whole last tile have no rows
     xs = torch.randn(8, 64, generator=torch.Generator().manual_seed(4))
     assert kernels.grouped_ok(xs, q)

@@ -9,7 +9,10 @@ PyTorch op; tests check that both agree on CPU. `FUSED` switches between them. W
 dtype (float32 or bfloat16) and outputs come in that dtype, with one exception: on a CPU that multiplies bfloat16 in
 hardware (AMX matrix units or AVX-512 BF16 dot products, `CPU_BF16`), the fused path multiplies float32 activations as
 bfloat16 (float32 accumulation, bfloat16 result), two to several times faster than float32 there, at bfloat16's
-rounding (about 2e-3 relative), the precision quantized weights are judged against.
+rounding (about 2e-3 relative), the precision quantized weights are judged against. Only products of at least
+`BF16_MIN_WORK` multiply-adds go that way: below it the casts and oneDNN's per-call cost eat the faster arithmetic
+(on an AVX-512 BF16 CPU, one thread: 32 rows x 128 inputs x 256 outputs took 2.8x as long in bfloat16, x 2048 outputs
+about as long, 128 rows x 128 x 2048 about half as long).
 DGEMMA_CPU_BF16=0 keeps float32 products on such CPUs; =1 takes bfloat16 ones anywhere.
 This is plain PyTorch and runs anywhere; on a GPU, `linear` with a 2-D int8 or int4 weight goes to the Triton kernel
 in `triton_dequant` when Triton is installed (fp8 weights, `matmul` and `embedding` stay here).
@@ -30,6 +33,7 @@ FUSED = True
 TILE_ELEMENTS = 1 << 18
 GPU_TILE_ELEMENTS = 1 << 26
 EXPERT_TILE_ELEMENTS = 1 << 20
+BF16_MIN_WORK = 1 << 24
 
 
 def _native_cpu_bf16() -> bool:
@@ -42,9 +46,11 @@ def _native_cpu_bf16() -> bool:
 CPU_BF16 = {"0": False, "1": True}.get(os.environ.get("DGEMMA_CPU_BF16", ""), _native_cpu_bf16())
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the fused CPU path multiplies `x` in: bfloat16 for float32 activations when `CPU_BF16`."""
-    return torch.bfloat16 if CPU_BF16 and x.dtype == torch.float32 and x.device.type == "cpu" else x.dtype
+def _compute_dtype(x: torch.Tensor, work: int) -> torch.dtype:
+    """The dtype the fused CPU path multiplies `x` in for a product of `work` multiply-adds: bfloat16 for float32
+    activations when `CPU_BF16` and the product is at least `BF16_MIN_WORK`."""
+    cpu_float32 = x.dtype == torch.float32 and x.device.type == "cpu"
+    return torch.bfloat16 if CPU_BF16 and cpu_float32 and work >= BF16_MIN_WORK else x.dtype
 
 
 def _per_channel(q: QTensor) -> bool:
@@ -80,7 +86,8 @@ def linear(x: torch.Tensor, q: QTensor) -> torch.Tensor:
         return triton_dequant.linear(x, q)
     n, k = q.shape
     step = _tile_rows(q)
-    flat = x.reshape(-1, k).to(_compute_dtype(x))  # [M, K]
+    flat = x.reshape(-1, k)  # [M, K]
+    flat = flat.to(_compute_dtype(x, flat.shape[0] * n * k))
     if step >= n:
         return _tile_linear(flat, q, x.dtype).view(*x.shape[:-1], n)
     out = x.new_empty(flat.shape[0], n)  # [M, N]
@@ -93,7 +100,7 @@ def linear(x: torch.Tensor, q: QTensor) -> torch.Tensor:
 def grouped_ok(xs: torch.Tensor, q: QTensor) -> bool:
     """Whether `grouped_linear` can take xs [P, K] and the stacked weight `q` [E, N, K]: `FUSED`, torch._grouped_mm
     present, and rows that meet its 16-byte alignment in the compute dtype."""
-    size = torch.finfo(_compute_dtype(xs)).bits // 8
+    size = torch.finfo(_compute_dtype(xs, xs.shape[0] * q.shape[1] * q.shape[2])).bits // 8
     return FUSED and hasattr(torch, "_grouped_mm") and q.codes.dim() == 3 and \
         all(d * size % 16 == 0 for d in q.shape[1:])
 
@@ -104,7 +111,7 @@ def grouped_linear(xs: torch.Tensor, counts: torch.Tensor, q: QTensor) -> torch.
     dequantized at once and multiplied in one torch._grouped_mm, instead of one small product per expert; as in
     `linear`, per-channel weights scale the output rather than the weight. Needs `grouped_ok(xs, q)`."""
     e, n, k = q.shape
-    x = xs.to(_compute_dtype(xs))  # [P, K]
+    x = xs.to(_compute_dtype(xs, xs.shape[0] * n * k))  # [P, K]
     per_channel = _per_channel(q)
     ends = counts.cumsum(0)  # [E]
     bounds = [0] + ends.tolist()
@@ -135,7 +142,8 @@ def matmul(x: torch.Tensor, q: QTensor) -> torch.Tensor:
         return matmul_reference(x, q)
     n, k = q.shape
     step = _tile_rows(q)
-    flat = x.reshape(-1, n).to(_compute_dtype(x))  # [M, N]
+    flat = x.reshape(-1, n)  # [M, N]
+    flat = flat.to(_compute_dtype(x, flat.shape[0] * n * k))
     acc = torch.zeros(flat.shape[0], k, dtype=torch.float32, device=x.device)  # [M, K]
     for start in range(0, n, step):
         stop = min(start + step, n)
