@@ -156,16 +156,17 @@ def _count(n: float) -> str:
 
 
 def cmd_info(args) -> int:
-    path = checkpoint.resolve(args.model)
-    cfg, settings = checkpoint.read_config(path)
+    gguf = quant.GGUFFile(args.model) if quant.is_gguf(args.model) else None
+    path = gguf.path if gguf else checkpoint.resolve(args.model)
+    cfg, settings = (gguf.config, gguf.settings) if gguf else checkpoint.read_config(path)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype) \
-        or checkpoint.stored_dtype(path)
+        or (torch.float32 if gguf else checkpoint.stored_dtype(path))
     with torch.device("meta"):
         net = DiffusionGemma(cfg)
     weight_bytes = sum(t.numel() for t in net.state_dict().values()) * dtype.itemsize
     total, active = cfg.parameter_counts()
     kinds = {k: cfg.layer_types.count(k) for k in sorted(set(cfg.layer_types))}
-    tok = Tokenizer.from_dir(path)
+    tok = None if gguf else Tokenizer.from_dir(path)
     data = {
         "path": str(path), "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "layers": cfg.num_hidden_layers, "layer_types": kinds, "attention_heads": cfg.num_attention_heads,
@@ -176,7 +177,8 @@ def cmd_info(args) -> int:
         "tokenizer": tok is not None, "chat_template": tok is not None and tok.chat_template is not None,
         "generation": settings.to_hf_dict(),
     }
-    data.update(quant.describe(path, dtype) or {})  # quantized and FP8 checkpoints: format, resident bytes
+    # Quantized, FP8 and GGUF checkpoints: format, resident bytes.
+    data.update((gguf.describe(dtype) if gguf else quant.describe(path, dtype)) or {})
     resident = data.get("resident_bytes", weight_bytes)
     data["bytes_per_parameter"] = resident / total
     if args.json:

@@ -1,6 +1,7 @@
 """GGUF import: files written here with the gguf package from a tiny random model load and match its logits."""
 
 import copy
+import json
 import re
 
 import numpy as np
@@ -316,3 +317,18 @@ def test_gguf_k_quants_load_repacked_and_match_the_decoded_weights(wide_net, tmp
         assert (q.kind, q.group_size, q.scale.dtype) == formats[types[kind]]
     torch.testing.assert_close(_logits(model), _logits(Model(twin)), rtol=1e-4, atol=1e-4)
     assert model.parameter_bytes() < Model(wide_net).parameter_bytes() / 2.5  # float32 twin
+
+
+def test_info_reports_a_gguf_files_resident_bytes_without_decoding(wide_net, tmp_path, capsys):
+    from dgemma.cli import main
+    from dgemma.quant import GGUFFile, QTensor
+
+    path = tmp_path / "model.gguf"
+    write_gguf(path, wide_net, {"attn": Q.Q8_0, "mlp": Q.Q6_K, "gate_up": Q.Q4_K, "down": Q.Q6_K, "embed": Q.Q4_K})
+    # What loading builds, tensor by tensor: repacked codes with their scales and offsets, float tensors in float32.
+    loaded = sum(v.nbytes if isinstance(v, QTensor) else v.numel() * 4 for _, v in GGUFFile(path).entries())
+    assert main(["info", "--model", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["resident_bytes"] == loaded
+    assert info["quantization"].startswith("GGUF tensors") and "Q4_K x" in info["quantization"]
+    assert info["bytes_per_parameter"] < 1.0 and info["tokenizer"] is False

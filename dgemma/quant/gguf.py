@@ -182,6 +182,23 @@ class GGUFFile:
     def total_bytes(self) -> int:
         return sum(int(t.n_bytes) for t in self.reader.tensors)
 
+    def describe(self, dtype: torch.dtype) -> dict:
+        """{"quantization": the tensor types and their counts, "resident_bytes": n}: the bytes the loaded weights take,
+        from the tensor types alone (nothing is decoded), float tensors counted at `dtype`."""
+        q = _gguf().GGMLQuantizationType
+        # Bytes per weight once loaded: repacked codes with their scales (and int4 offsets), as `_value` builds them.
+        loaded = {q.Q8_0: 1 + 2 / 32, q.Q4_0: 0.5 + 4 / 32, q.Q4_1: 0.5 + 4 / 32, q.Q4_K: 0.5 + 4 / 32,
+                  q.Q6_K: 1 + 4 / 16, q.BF16: 2.0}
+        counts: dict[str, int] = {}
+        resident = 0.0
+        for t in self.reader.tensors:
+            if t.name == "output.weight":  # not loaded: the head is tied to token_embd
+                continue
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+            resident += int(t.n_elements) * loaded.get(t.tensor_type, dtype.itemsize)
+        types = ", ".join(f"{n} x{c}" for n, c in sorted(counts.items(), key=lambda kv: -kv[1]))
+        return {"quantization": f"GGUF tensors {types}", "resident_bytes": int(resident)}
+
     def _value(self, name: str) -> QTensor | torch.Tensor:
         """One tensor in PyTorch order: repacked into a QTensor when its blocks map exactly, else float."""
         gguf = _gguf()
