@@ -11,8 +11,9 @@ hardware (AMX matrix units or AVX-512 BF16 dot products, `CPU_BF16`), the fused 
 bfloat16 (float32 accumulation, bfloat16 result), two to several times faster than float32 there, at bfloat16's
 rounding (about 2e-3 relative), the precision quantized weights are judged against. Only products of at least
 `BF16_MIN_WORK` multiply-adds go that way: below it the casts and oneDNN's per-call cost eat the faster arithmetic
-(on an AVX-512 BF16 CPU, one thread: 32 rows x 128 inputs x 256 outputs took 2.8x as long in bfloat16, x 2048 outputs
-about as long, 128 rows x 128 x 2048 about half as long).
+(on a 2-core AVX-512 BF16 CPU, one thread, 32 rows x 128 inputs x 256 outputs: about as fast either way when the CPU was
+quiet, 2.8x as long in bfloat16 beside another job; generating with the bundled model, whose products are all that
+small, took 1.4x as long with every product in bfloat16 beside another job).
 DGEMMA_CPU_BF16=0 keeps float32 products on such CPUs; =1 takes bfloat16 ones anywhere.
 This is plain PyTorch and runs anywhere; on a GPU, `linear` with a 2-D int8 or int4 weight goes to the Triton kernel
 in `triton_dequant` when Triton is installed (fp8 weights, `matmul` and `embedding` stay here).
