@@ -129,7 +129,7 @@ class GGUFFile:
     def _check_type(self, t) -> None:
         gguf = _gguf()
         q = gguf.GGMLQuantizationType
-        if t.tensor_type in (q.F32, q.F16, q.BF16, q.Q8_0, q.Q4_0, q.Q4_1, q.Q4_K, q.Q6_K):
+        if t.tensor_type in (q.F32, q.F16, q.BF16) or t.tensor_type.name in _REPACKED:
             return
         _, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
         try:
@@ -185,17 +185,14 @@ class GGUFFile:
     def describe(self, dtype: torch.dtype) -> dict:
         """{"quantization": the tensor types and their counts, "resident_bytes": n}: the bytes the loaded weights take,
         from the tensor types alone (nothing is decoded), float tensors counted at `dtype`."""
-        q = _gguf().GGMLQuantizationType
-        # Bytes per weight once loaded: repacked codes with their scales (and int4 offsets), as `_value` builds them.
-        loaded = {q.Q8_0: 1 + 2 / 32, q.Q4_0: 0.5 + 4 / 32, q.Q4_1: 0.5 + 4 / 32, q.Q4_K: 0.5 + 4 / 32,
-                  q.Q6_K: 1 + 4 / 16, q.BF16: 2.0}
+        loaded = {name: per_weight for name, (_, per_weight) in _REPACKED.items()} | {"BF16": 2.0}
         counts: dict[str, int] = {}
         resident = 0.0
         for t in self.reader.tensors:
             if t.name == "output.weight":  # not loaded: the head is tied to token_embd
                 continue
             counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-            resident += int(t.n_elements) * loaded.get(t.tensor_type, dtype.itemsize)
+            resident += int(t.n_elements) * loaded.get(t.tensor_type.name, dtype.itemsize)
         types = ", ".join(f"{n} x{c}" for n, c in sorted(counts.items(), key=lambda kv: -kv[1]))
         return {"quantization": f"GGUF tensors {types}", "resident_bytes": int(resident)}
 
@@ -209,22 +206,10 @@ class GGUFFile:
             return torch.from_numpy(np.array(data))
         if t.tensor_type == q.BF16:
             return torch.from_numpy(np.array(data).view(np.int16)).view(torch.bfloat16)
-        if t.tensor_type in (q.Q8_0, q.Q4_0, q.Q4_1):
+        if t.tensor_type.name in _REPACKED:
             _, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
-            blocks = torch.from_numpy(np.array(data).reshape(*data.shape[:-1], -1, size))  # [..., N, K/32, size]
-            scale = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)  # [..., N, K/32]
-            if t.tensor_type == q.Q8_0:
-                codes = blocks[..., 2:].contiguous().view(torch.int8).flatten(-2)  # [..., N, K]
-                return QTensor("int8", codes, scale)
-            if t.tensor_type == q.Q4_0:
-                offset = (scale.float() * -8).half()
-                return QTensor("int4", blocks[..., 2:].flatten(-2).contiguous(), scale, offset)
-            offset = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1)
-            return QTensor("int4", blocks[..., 4:].flatten(-2).contiguous(), scale, offset)
-        if t.tensor_type in (q.Q4_K, q.Q6_K):
-            _, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
-            blocks = torch.from_numpy(np.array(data).reshape(*data.shape[:-1], -1, size))  # [..., N, K/256, size]
-            return _q4_k(blocks) if t.tensor_type == q.Q4_K else _q6_k(blocks)
+            blocks = torch.from_numpy(np.array(data).reshape(*data.shape[:-1], -1, size))  # [..., N, K/block, size]
+            return _REPACKED[t.tensor_type.name][0](blocks)
         return torch.from_numpy(gguf.quants.dequantize(np.array(data), t.tensor_type).astype(np.float32))
 
     def _target(self, name: str) -> str | None:
@@ -258,6 +243,25 @@ class GGUFFile:
             if target is None:
                 raise ValueError(f"{self.path}: unexpected GGUF tensor {name!r} for architecture {ARCH!r}")
             yield target, self._value(name)
+
+
+def _q8_0(blocks: torch.Tensor) -> QTensor:
+    """Q8_0 blocks uint8 [..., N, K/32, 34] (scale f16, 32 int8 codes) -> int8 QTensor with group 32."""
+    scale = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)  # [..., N, K/32]
+    return QTensor("int8", blocks[..., 2:].contiguous().view(torch.int8).flatten(-2), scale)
+
+
+def _q4_0(blocks: torch.Tensor) -> QTensor:
+    """Q4_0 blocks uint8 [..., N, K/32, 18] (scale f16, 16 bytes of codes, value scale * (q - 8)) -> int4, group 32."""
+    scale = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)  # [..., N, K/32]
+    return QTensor("int4", blocks[..., 2:].flatten(-2).contiguous(), scale, (scale.float() * -8).half())
+
+
+def _q4_1(blocks: torch.Tensor) -> QTensor:
+    """Q4_1 blocks uint8 [..., N, K/32, 20] (scale f16, min f16, 16 bytes of codes) -> int4 QTensor with group 32."""
+    scale = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)  # [..., N, K/32]
+    offset = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1)  # [..., N, K/32]
+    return QTensor("int4", blocks[..., 4:].flatten(-2).contiguous(), scale, offset)
 
 
 def _q4_k(blocks: torch.Tensor) -> QTensor:
@@ -300,6 +304,12 @@ def _q6_k(blocks: torch.Tensor) -> QTensor:
     sc = blocks[..., 192:208].contiguous().view(torch.int8).float()  # [..., N, B, 16]
     d = blocks[..., 208:210].contiguous().view(torch.float16).float()  # [..., N, B, 1]
     return QTensor("int8", codes.reshape(*lead, -1), (d * sc).flatten(-2))
+
+
+# GGML types repacked into QTensors: (blocks [..., N, K/block, block bytes] -> QTensor, bytes per weight once loaded:
+# codes with their scales and int4 offsets).
+_REPACKED = {"Q8_0": (_q8_0, 1 + 2 / 32), "Q4_0": (_q4_0, 0.5 + 4 / 32), "Q4_1": (_q4_1, 0.5 + 4 / 32),
+             "Q4_K": (_q4_k, 0.5 + 4 / 32), "Q6_K": (_q6_k, 1 + 4 / 16)}
 
 
 def _fuse(gate: QTensor | torch.Tensor, up: QTensor | torch.Tensor) -> QTensor | torch.Tensor:
