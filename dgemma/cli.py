@@ -24,7 +24,7 @@ from .tokenizer import Tokenizer
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--model", required=required, default=None,
-                   help="checkpoint directory or Hub repo id" + ("" if required else " (default: the bundled model)"))
+                   help="checkpoint directory, Hub repo id or .gguf file" + ("" if required else " (default: the bundled model)"))
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: as stored)")
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"run": cmd_run, "info": cmd_info, "init": cmd_init, "quantize": cmd_quantize, "train": cmd_train,
                 "eval-code": cmd_eval_code, "serve": cmd_serve, "chat": cmd_chat,
                 "bench": cmd_bench}[args.command](args)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, ImportError) as err:  # ImportError: an optional extra that is not installed
         print(f"dgemma {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -332,3 +332,17 @@ def test_info_reports_a_gguf_files_resident_bytes_without_decoding(wide_net, tmp
     assert info["resident_bytes"] == loaded
     assert info["quantization"].startswith("GGUF tensors") and "Q4_K x" in info["quantization"]
     assert info["bytes_per_parameter"] < 1.0 and info["tokenizer"] is False
+
+
+def test_a_gguf_file_without_the_gguf_package_is_a_clear_cli_error(tmp_path, monkeypatch, capsys):
+    from dgemma.cli import main
+    from dgemma.quant import gguf as gguf_module
+
+    def missing():
+        raise ImportError("reading GGUF files needs the gguf package: pip install 'dgemma[gguf]'")
+
+    monkeypatch.setattr(gguf_module, "_gguf", missing)
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    assert main(["info", "--model", str(path)]) == 2
+    assert "dgemma info: error: reading GGUF files needs the gguf package" in capsys.readouterr().err
