@@ -19,6 +19,7 @@ from dgemma.model import layers
 from dgemma.model.layers import apply_rope, rms_norm
 from dgemma.quant.formats import QTensor, quantize
 from dgemma.quant.modules import QuantExperts, quantize_model
+from test_quant import int8_with_offsets
 
 # Error allowed relative to the largest output. The interpreter turns float32 into bfloat16 by truncation, off by up
 # to one step (2^-7 relative) where a GPU and PyTorch round to nearest; it does so for the weights and for y.
@@ -77,6 +78,18 @@ def test_int8_half_scales_and_strided_3d_input():
     assert not x.is_contiguous()
     _check(x, q)
     _check(x.bfloat16(), q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("group", [None, 32])
+def test_int8_with_offsets_matches_reference(group, dtype):
+    """int8 codes with an offset per group (GGUF's Q5_1 / Q5_K blocks): one weight, and stacked experts."""
+    q = int8_with_offsets(_randn(3, 70, 96, seed=group or 0) * 0.02, group)  # [E, N, K]
+    for m in (1, 37):
+        _check(_randn(m, 96, seed=m).to(dtype), q.map(lambda t: t[0]))
+    counts = COUNTS[0][:3]
+    xs = _randn(sum(counts), 96, seed=5).to(dtype)
+    _close(triton_dequant.grouped_linear(xs, torch.tensor(counts), q), _grouped_reference(xs, counts, q), dtype)
 
 
 def test_refuses_fp8_and_stacked_weights():

@@ -25,6 +25,23 @@ def _fp8(w: torch.Tensor) -> QTensor:
     return QTensor("fp8", (w / scale).to(torch.float8_e4m3fn), scale)
 
 
+def int8_with_offsets(w: torch.Tensor, group: int | None = 32) -> QTensor:
+    """w [..., N, K] as int8 codes 0..31 with float16 scales and offsets per group (None: per row), the form GGUF's
+    Q5_1 and Q5_K blocks load in."""
+    g = w.unflatten(-1, (-1, group or w.shape[-1]))  # [..., N, groups, G]
+    low = g.amin(-1)
+    scale, offset = ((g.amax(-1) - low) / 31).half(), low.half()  # [..., N, groups] each
+    codes = ((g - offset.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 31)
+    return QTensor("int8", codes.to(torch.int8).flatten(-2), scale, offset)
+
+
+def _quantized(w: torch.Tensor, kind: str, group: int | None) -> QTensor:
+    """`quantize`, plus "fp8" (per row) and "int8+offset" (`int8_with_offsets`), which it does not make."""
+    if kind == "fp8":
+        return _fp8(w)
+    return int8_with_offsets(w, group) if kind == "int8+offset" else quantize(w, kind, group)
+
+
 @pytest.mark.parametrize("kind, group, bound", [("int8", None, 0.01), ("int8", 32, 0.01), ("int4", 32, 0.09),
                                                 ("int4", 64, 0.095), ("int4", 128, 0.1)])
 def test_quantize_error_and_shapes(kind, group, bound):
@@ -64,11 +81,11 @@ def test_group_size_falls_back_to_a_divisor():
         quantize(_weight(4, 8), "int4", None)
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8", "int8+offset"])
 @pytest.mark.parametrize("dtype, cpu_bf16", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
 def test_fused_kernels_match_reference(kind, dtype, cpu_bf16, monkeypatch):
     w = _weight(96, 128, seed=1)
-    q = _fp8(w) if kind == "fp8" else quantize(w, kind, 32)
+    q = _quantized(w, kind, 32)
     monkeypatch.setattr(kernels, "TILE_ELEMENTS", 128 * 40)  # several tiles, the last one short
     monkeypatch.setattr(kernels, "CPU_BF16", cpu_bf16)  # float32 multiplied as bfloat16, as on CPUs with bf16 hardware
     monkeypatch.setattr(kernels, "BF16_MIN_WORK", 0)  # however small the product
@@ -96,11 +113,12 @@ def test_cpu_bfloat16_products_only_for_large_float32_products(monkeypatch):
     assert kernels._compute_dtype(x, kernels.BF16_MIN_WORK) == torch.float32
 
 
-@pytest.mark.parametrize("kind, group", [("int8", None), ("int4", 32), ("fp8", None)])
+@pytest.mark.parametrize("kind, group", [("int8", None), ("int4", 32), ("fp8", None), ("int8+offset", None),
+                                         ("int8+offset", 32)])
 @pytest.mark.parametrize("cpu_bf16", [False, True])
 def test_grouped_experts_match_expert_by_expert(kind, group, cpu_bf16, monkeypatch):
     w = _weight(5, 48, 64, seed=3)  # [E, N, K]
-    q = _fp8(w) if kind == "fp8" else quantize(w, kind, group)
+    q = _quantized(w, kind, group)
     monkeypatch.setattr(kernels, "EXPERT_TILE_ELEMENTS", 2 * 48 * 64)  # two experts per tile, the last tile short
     monkeypatch.setattr(kernels, "CPU_BF16", cpu_bf16)
     monkeypatch.setattr(kernels, "BF16_MIN_WORK", 0)

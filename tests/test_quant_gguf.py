@@ -54,23 +54,44 @@ def _power_of_two(x: np.ndarray) -> np.ndarray:
     return np.exp2(np.ceil(np.log2(np.where(x > 0, x, 1)))).astype(np.float16)
 
 
-def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
-    """float32 [R, K] (K a multiple of 256) -> valid Q4_K blocks uint8 [R, K / 256 * 144], by a plain min/max rule:
-    per 32-weight sub-block value = d * sc * q - dmin * m, d and dmin powers of two (see `_power_of_two`)."""
-    r, k = x.shape
+def _k_quant(x: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [R, K] (K a multiple of 256) -> (the first 16 bytes of Q4_K / Q5_K blocks [blocks, 16]: d, dmin and
+    the packed 6-bit scales and mins; codes 0..top [blocks, 8, 32]), by a plain min/max rule: per 32-weight sub-block
+    value = d * sc * q - dmin * m, d and dmin powers of two (see `_power_of_two`)."""
     sub = x.reshape(-1, 8, 32)  # [blocks, sub-block, weight]
     low = np.minimum(sub.min(-1), 0)  # [blocks, 8]
-    step = (sub.max(-1) - low) / 15
+    step = (sub.max(-1) - low) / top
     d, dmin = _power_of_two(step.max(-1) / 63), _power_of_two(-low.min(-1) / 63)  # [blocks]
     sc = np.clip(np.round(step / d.astype(np.float32)[:, None]), 1, 63).astype(np.uint8)
     m = np.clip(np.round(-low / dmin.astype(np.float32)[:, None]), 0, 63).astype(np.uint8)
     scale, offset = d.astype(np.float32)[:, None] * sc, dmin.astype(np.float32)[:, None] * m  # [blocks, 8]
-    q = np.clip(np.round((sub + offset[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)  # [blocks, 8, 32]
+    q = np.clip(np.round((sub + offset[..., None]) / scale[..., None]), 0, top).astype(np.uint8)  # [blocks, 8, 32]
     scales = np.concatenate([(sc[:, :4] & 63) | (sc[:, 4:] >> 4 << 6), (m[:, :4] & 63) | (m[:, 4:] >> 4 << 6),
                              (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)], -1)  # [blocks, 12]
-    pairs = q.reshape(-1, 4, 2, 32)  # [blocks, 64-weight chunk, sub-block of the chunk, j]
-    qs = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
-    return np.concatenate([_half_bytes(d), _half_bytes(dmin), scales, qs], -1).reshape(r, k // 256 * 144)
+    return np.concatenate([_half_bytes(d), _half_bytes(dmin), scales], -1), q
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """Codes [blocks, 8, 32] -> Q4_K / Q5_K qs [blocks, 128]: in 64-weight chunk c, byte 32c + j holds the low 4 bits
+    of weight j of sub-block 2c (low nibble) and of sub-block 2c + 1 (high nibble)."""
+    pairs = q.reshape(-1, 4, 2, 32) & 15  # [blocks, 64-weight chunk, sub-block of the chunk, j]
+    return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
+    """float32 [R, K] -> valid Q4_K blocks uint8 [R, K / 256 * 144] (`_k_quant` with 4-bit codes)."""
+    r, k = x.shape
+    head, q = _k_quant(x, 15)
+    return np.concatenate([head, _nibbles(q)], -1).reshape(r, k // 256 * 144)
+
+
+def _q5_k_blocks(x: np.ndarray) -> np.ndarray:
+    """float32 [R, K] -> valid Q5_K blocks uint8 [R, K / 256 * 176] (`_k_quant` with 5-bit codes): qh byte j holds
+    the fifth bit of weight j of sub-block i at bit i."""
+    r, k = x.shape
+    head, q = _k_quant(x, 31)
+    qh = ((q >> 4) << np.arange(8, dtype=np.uint8)[:, None]).sum(1, dtype=np.uint8)  # [blocks, 32]
+    return np.concatenate([head, qh, _nibbles(q)], -1).reshape(r, k // 256 * 176)
 
 
 def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
@@ -92,8 +113,8 @@ def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
 
 
 def _quantize(data: np.ndarray, qtype) -> np.ndarray:
-    """gguf.quants.quantize, plus Q4_K and Q6_K (which the gguf package cannot quantize) by the rules above."""
-    writers = {Q.Q4_K: _q4_k_blocks, Q.Q6_K: _q6_k_blocks}
+    """gguf.quants.quantize, plus Q4_K, Q5_K and Q6_K (which the gguf package cannot quantize) by the rules above."""
+    writers = {Q.Q4_K: _q4_k_blocks, Q.Q5_K: _q5_k_blocks, Q.Q6_K: _q6_k_blocks}
     if qtype not in writers:
         return gguf.quants.quantize(data, qtype)
     packed = writers[qtype](data.reshape(-1, data.shape[-1]))
@@ -223,40 +244,57 @@ def test_gguf_unknown_or_undecodable_tensor_type_is_refused(tiny_net, tmp_path):
         dgemma.load(tmp_path / "q81.gguf")
 
 
-# Random but valid K-quant blocks: any bytes, with the float16 super-block scales set to chosen finite values.
+# Random but valid blocks: any bytes, with the float16 scales (and minimums) set to chosen finite values.
 def _random_blocks(qtype, lead, k, halves: dict, seed=0) -> np.ndarray:
-    """uint8 [*lead, k / 256 * block size] of random blocks; `halves` maps a byte offset to a float16 value."""
-    size = gguf.GGML_QUANT_SIZES[qtype][1]
-    blocks = np.random.default_rng(seed).integers(0, 256, (*lead, k // 256, size), dtype=np.uint8)
+    """uint8 [*lead, k / block weights * block bytes] of random blocks; `halves` maps a byte offset to a float16
+    value."""
+    weights, size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = np.random.default_rng(seed).integers(0, 256, (*lead, k // weights, size), dtype=np.uint8)
     for at, value in halves.items():
         blocks[..., at:at + 2] = _half_bytes(value).reshape(2)
     return blocks.reshape(*lead, -1)
 
 
 @pytest.mark.parametrize("d, dmin", [(2.0**-7, 2.0**-9), (0.01234, 0.00456), (3.1, 70.0)])
-def test_q4_k_blocks_repack_into_int4_groups_of_32(d, dmin):
+@pytest.mark.parametrize("qtype, kind, top", [(Q.Q4_K, "int4", 15), (Q.Q5_K, "int8", 31)])
+def test_k_quants_with_minimums_repack_into_groups_of_32(qtype, kind, top, d, dmin):
     from dgemma.quant.formats import dequantize
-    from dgemma.quant.gguf import _q4_k
+    from dgemma.quant.gguf import _REPACKED
 
-    raw = _random_blocks(Q.Q4_K, (2, 3), 512, {0: d, 2: dmin})
-    q = _q4_k(torch.from_numpy(raw).unflatten(-1, (2, 144)))
-    assert (q.kind, q.group_size, tuple(q.shape)) == ("int4", 32, (2, 3, 512))
+    size = gguf.GGML_QUANT_SIZES[qtype][1]
+    raw = _random_blocks(qtype, (2, 3), 512, {0: d, 2: dmin})
+    q = _REPACKED[qtype.name][0](torch.from_numpy(raw).unflatten(-1, (2, size)))
+    assert (q.kind, q.group_size, tuple(q.shape)) == (kind, 32, (2, 3, 512))
     assert q.scale.dtype == q.offset.dtype == torch.float16
     # Scales and offsets: the products d * sc and -dmin * m, rounded to float16.
-    sc, m = gguf.quants.Q4_K.get_scale_min(raw.reshape(-1, 144)[:, 4:16])  # [blocks, 8] each
+    sc, m = gguf.quants.Q4_K.get_scale_min(raw.reshape(-1, size)[:, 4:16])  # [blocks, 8] each
     d32, dmin32 = np.float32(np.float16(d)), np.float32(np.float16(dmin))
     np.testing.assert_array_equal(q.scale.numpy().reshape(-1, 8), (d32 * sc.astype(np.float32)).astype(np.float16))
     np.testing.assert_array_equal(q.offset.numpy().reshape(-1, 8), (-dmin32 * m.astype(np.float32)).astype(np.float16))
     ours = dequantize(q).numpy()
-    ref = gguf.quants.dequantize(raw, Q.Q4_K)  # [2, 3, 512]
+    ref = gguf.quants.dequantize(raw, qtype)  # [2, 3, 512]
     if d == 2.0**-7:  # power-of-two scales: the products are exact in float16, so are the values
         np.testing.assert_array_equal(ours, ref)
-    # Elsewhere within the float16 rounding of scale (times a code <= 15) and offset: a misplaced nibble or sub-block
-    # is off by at least one scale step, i.e. 2^11 / 15 times more.
+    # Elsewhere within the float16 rounding of scale (times a code <= top) and offset: a misplaced bit, nibble or
+    # sub-block is off by at least one scale step, i.e. 2^11 / top times more.
     scale = np.repeat(d32 * sc.astype(np.float32), 32, -1).reshape(ref.shape)
     offset = np.repeat(dmin32 * m.astype(np.float32), 32, -1).reshape(ref.shape)
-    bound = 2.0**-11 * (15 * scale + offset) * (1 + 1e-6) + 1e-6 * np.abs(ref)
+    bound = 2.0**-11 * (top * scale + offset) * (1 + 1e-6) + 1e-6 * np.abs(ref)
     assert np.all(np.abs(ours - ref) <= bound)
+
+
+@pytest.mark.parametrize("qtype, halves", [(Q.Q5_0, {0: 0.01234}), (Q.Q5_1, {0: 0.01234, 2: -0.2}),
+                                           (Q.Q5_1, {0: 3.1, 2: 70.0})])
+def test_q5_0_and_q5_1_blocks_repack_into_int8_groups_of_32_exactly(qtype, halves):
+    from dgemma.quant.formats import dequantize
+    from dgemma.quant.gguf import _REPACKED
+
+    raw = _random_blocks(qtype, (2, 3), 128, halves, seed=4)
+    q = _REPACKED[qtype.name][0](torch.from_numpy(raw).unflatten(-1, (4, -1)))
+    assert (q.kind, q.group_size, tuple(q.shape), q.scale.dtype) == ("int8", 32, (2, 3, 128), torch.float16)
+    assert (q.offset is None) == (qtype == Q.Q5_0)
+    assert q.codes.min() >= (-16 if q.offset is None else 0) and q.codes.max() <= (15 if q.offset is None else 31)
+    np.testing.assert_array_equal(dequantize(q).numpy(), gguf.quants.dequantize(raw, qtype))
 
 
 @pytest.mark.parametrize("d", [0.01234, 2.0**-20, 1000.0])
@@ -269,6 +307,20 @@ def test_q6_k_blocks_repack_into_int8_groups_of_16_exactly(d):
     assert (q.kind, q.group_size, tuple(q.shape), q.scale.dtype) == ("int8", 16, (2, 3, 768), torch.float32)
     assert q.offset is None and q.codes.min() >= -32 and q.codes.max() <= 31
     np.testing.assert_array_equal(dequantize(q).numpy(), gguf.quants.dequantize(raw, Q.Q6_K))
+
+
+def test_q5_k_and_q6_k_experts_fuse_into_int8_with_offsets():
+    from dgemma.quant.formats import dequantize
+    from dgemma.quant.gguf import _fuse, _q5_k, _q6_k
+
+    gate_raw = _random_blocks(Q.Q5_K, (2, 3), 256, {0: 2.0**-7, 2: 2.0**-9}, seed=5)
+    up_raw = _random_blocks(Q.Q6_K, (2, 3), 256, {208: 0.01}, seed=6)
+    fused = _fuse(_q5_k(torch.from_numpy(gate_raw).unflatten(-1, (1, 176))),
+                  _q6_k(torch.from_numpy(up_raw).unflatten(-1, (1, 210))))
+    assert (fused.kind, fused.group_size, tuple(fused.shape)) == ("int8", 16, (2, 6, 256))
+    assert torch.all(fused.offset[:, 3:] == 0)  # Q6_K's half has no minimum
+    expected = np.concatenate([gguf.quants.dequantize(gate_raw, Q.Q5_K), gguf.quants.dequantize(up_raw, Q.Q6_K)], 1)
+    np.testing.assert_array_equal(dequantize(fused).numpy(), expected)
 
 
 def test_q6_k_and_q8_0_experts_fuse_into_int8():
@@ -300,6 +352,8 @@ def wide_net():
 @pytest.mark.parametrize("types, split", [
     ({"attn": Q.Q8_0, "mlp": Q.Q6_K, "gate_up": Q.Q4_K, "down": Q.Q6_K, "embed": Q.Q4_K}, True),
     ({"attn": Q.Q4_0, "mlp": Q.Q4_K, "gate_up": Q.Q6_K, "down": Q.Q4_K, "embed": Q.Q6_K}, False),
+    ({"attn": Q.Q5_1, "mlp": Q.Q5_K, "gate_up": Q.Q5_K, "down": Q.Q6_K, "embed": Q.Q5_0}, True),
+    ({"attn": Q.Q5_0, "mlp": Q.Q5_1, "gate_up": Q.Q5_0, "down": Q.Q5_K, "embed": Q.Q5_K}, False),
 ])
 def test_gguf_k_quants_load_repacked_and_match_the_decoded_weights(wide_net, tmp_path, types, split,
                                                                    float32_products):
@@ -307,7 +361,8 @@ def test_gguf_k_quants_load_repacked_and_match_the_decoded_weights(wide_net, tmp
     twin = write_gguf(path, wide_net, types, split_experts=split)
     model = dgemma.load(path)
     assert model.config == wide_net.config
-    formats = {Q.Q4_K: ("int4", 32, torch.float16), Q.Q6_K: ("int8", 16, torch.float32)}
+    formats = {Q.Q4_K: ("int4", 32, torch.float16), Q.Q6_K: ("int8", 16, torch.float32),
+               **{t: ("int8", 32, torch.float16) for t in (Q.Q5_0, Q.Q5_1, Q.Q5_K)}}
     net, layer = model.net, model.net.layers[1]
     for module, name, kind in [(layer.experts, "gate_up_proj", "gate_up"), (layer.experts, "down_proj", "down"),
                                (layer.mlp.down_proj, "weight", "mlp"), (net.self_conditioning.up_proj, "weight", "mlp"),
@@ -319,18 +374,22 @@ def test_gguf_k_quants_load_repacked_and_match_the_decoded_weights(wide_net, tmp
     assert model.parameter_bytes() < Model(wide_net).parameter_bytes() / 2.5  # float32 twin
 
 
-def test_info_reports_a_gguf_files_resident_bytes_without_decoding(wide_net, tmp_path, capsys):
+@pytest.mark.parametrize("types", [
+    {"attn": Q.Q8_0, "mlp": Q.Q6_K, "gate_up": Q.Q4_K, "down": Q.Q6_K, "embed": Q.Q4_K},
+    {"attn": Q.Q5_0, "mlp": Q.Q5_1, "gate_up": Q.Q5_K, "down": Q.Q4_1, "embed": Q.Q4_0},
+])
+def test_info_reports_a_gguf_files_resident_bytes_without_decoding(wide_net, tmp_path, capsys, types):
     from dgemma.cli import main
     from dgemma.quant import GGUFFile, QTensor
 
     path = tmp_path / "model.gguf"
-    write_gguf(path, wide_net, {"attn": Q.Q8_0, "mlp": Q.Q6_K, "gate_up": Q.Q4_K, "down": Q.Q6_K, "embed": Q.Q4_K})
+    write_gguf(path, wide_net, types)
     # What loading builds, tensor by tensor: repacked codes with their scales and offsets, float tensors in float32.
     loaded = sum(v.nbytes if isinstance(v, QTensor) else v.numel() * 4 for _, v in GGUFFile(path).entries())
     assert main(["info", "--model", str(path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["resident_bytes"] == loaded
-    assert info["quantization"].startswith("GGUF tensors") and "Q4_K x" in info["quantization"]
+    assert info["quantization"].startswith("GGUF tensors") and f"{types['gate_up'].name} x" in info["quantization"]
     assert info["bytes_per_parameter"] < 1.0 and info["tokenizer"] is False
 
 

@@ -11,8 +11,9 @@ dtype, so the kernels multiply x by the codes and apply scales (and offsets) to 
 decoded weight: the same products as dequantize-then-matmul, without its rounding of each weight to x's dtype.
 Layouts read (see `dgemma.quant.formats`):
 - float: W [N, K] in x's dtype.
-- int8: codes [N, K], scale [N, K // G]. One scale per row (G = K) multiplies the row's whole sum; smaller groups
-  (imported blocks) are decoded per element to x's dtype before the product instead.
+- int8: codes [N, K], scale [N, K // G], optional offset [N, K // G]. One scale per row (G = K) and no offset
+  multiplies the row's whole sum; smaller groups or offsets (imported blocks) are decoded per element, code * scale
+  (+ offset) in float32, to x's dtype before the product instead.
 - int4: codes uint8 [N, K // 2]; within each group of G inputs byte j holds input j in its low nibble and input
   j + G/2 in its high nibble; scale and offset [N, K // G]. A K-step is one group: the G/2 bytes (padded to a power
   of two and masked when G/2 is not one, as for G = 88) give the low nibbles, multiplied with x's first half-group,
@@ -54,7 +55,7 @@ available = triton_available
 
 
 def _tile(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, rm, rn, M, N, K, G, stride_x, stride_w, stride_scale, stride_y,
-          KIND: tl.constexpr, PER_ROW: tl.constexpr, HALF: tl.constexpr,
+          KIND: tl.constexpr, PER_ROW: tl.constexpr, OFFSET: tl.constexpr, HALF: tl.constexpr,
           FLOAT32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Writes y[rm, rn] = x[rm] @ W[rn]^T for the rows rm < M and the columns rn < N."""
     x_rows = rm.to(tl.int64)[:, None]  # [BLOCK_M, 1]; 64-bit, as M x N passes 2^31 for a large head
@@ -96,8 +97,11 @@ def _tile(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, rm, rn, M, N, K, G, stride
                 if PER_ROW:  # int8 codes are exact in any float dtype; the row's scale comes after the sum
                     w = w.to(tl.float32).to(dtype)
                 else:
-                    scale = tl.load(scale_ptr + w_rows * stride_scale + rk // G, mask=w_ok, other=0.0).to(tl.float32)
-                    w = (w.to(tl.float32) * scale).to(dtype)
+                    at = w_rows * stride_scale + rk // G  # [BLOCK_N, BLOCK_K] each weight's group
+                    w = w.to(tl.float32) * tl.load(scale_ptr + at, mask=w_ok, other=0.0).to(tl.float32)
+                    if OFFSET:
+                        w += tl.load(offset_ptr + at, mask=w_ok, other=0.0).to(tl.float32)
+                    w = w.to(dtype)
             if FLOAT32_DOT:  # see the int4 branch
                 x, w = x.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
@@ -108,17 +112,17 @@ def _tile(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, rm, rn, M, N, K, G, stride
 
 
 def _linear_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, M, N, K, G, stride_x, stride_w, stride_scale, stride_y,
-                   KIND: tl.constexpr, PER_ROW: tl.constexpr, HALF: tl.constexpr,
+                   KIND: tl.constexpr, PER_ROW: tl.constexpr, OFFSET: tl.constexpr, HALF: tl.constexpr,
                    FLOAT32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows of x and y
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] rows of W, columns of y
     _tile(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, rm, rn, M, N, K, G, stride_x, stride_w, stride_scale, stride_y,
-          KIND, PER_ROW, HALF, FLOAT32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
+          KIND, PER_ROW, OFFSET, HALF, FLOAT32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def _grouped_kernel(x_ptr, counts_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, E, N, K, G,
                     stride_x, stride_w_e, stride_w, stride_scale_e, stride_scale, stride_y,
-                    KIND: tl.constexpr, PER_ROW: tl.constexpr, HALF: tl.constexpr,
+                    KIND: tl.constexpr, PER_ROW: tl.constexpr, OFFSET: tl.constexpr, HALF: tl.constexpr,
                     FLOAT32_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     experts = tl.arange(0, BLOCK_E)  # [BLOCK_E]
@@ -137,8 +141,8 @@ def _grouped_kernel(x_ptr, counts_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, E, N
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] rows of W[expert], columns of y
     e64 = expert.to(tl.int64)
     _tile(x_ptr, w_ptr + e64 * stride_w_e, scale_ptr + e64 * stride_scale_e if KIND != 0 else scale_ptr,
-          offset_ptr + e64 * stride_scale_e if KIND == 2 else offset_ptr, y_ptr, rm, rn, stop, N, K, G,
-          stride_x, stride_w, stride_scale, stride_y, KIND, PER_ROW, HALF, FLOAT32_DOT,
+          offset_ptr + e64 * stride_scale_e if OFFSET else offset_ptr, y_ptr, rm, rn, stop, N, K, G,
+          stride_x, stride_w, stride_scale, stride_y, KIND, PER_ROW, OFFSET, HALF, FLOAT32_DOT,
           BLOCK_M, BLOCK_N, BLOCK_K)
 
 
@@ -160,7 +164,7 @@ def _operands(x: torch.Tensor, w: QTensor | torch.Tensor, dims: int):
         if w.kind not in KINDS or w.codes.dim() != dims:
             raise ValueError(f"the Triton kernel takes {dims}-D int8 or int4 weights, got {w.kind} {tuple(w.shape)}")
         codes, scale = w.codes.contiguous(), w.scale.contiguous()  # codes [.., N, K or K // 2], scale [.., N, K // G]
-        offset = None if w.offset is None else w.offset.contiguous()  # int4 only
+        offset = None if w.offset is None else w.offset.contiguous()  # int4; int8 from Q5 GGUF blocks
         kind, group, tile = (_INT4 if w.kind == "int4" else _INT8), w.group_size, TILES[w.kind]
     else:
         if w.dim() != dims or w.dtype != x.dtype:
@@ -171,7 +175,7 @@ def _operands(x: torch.Tensor, w: QTensor | torch.Tensor, dims: int):
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {k}")
     half = triton.next_power_of_2(group // 2) if kind == _INT4 else 1
-    flags = {"KIND": kind, "PER_ROW": group == k, "HALF": half,
+    flags = {"KIND": kind, "PER_ROW": group == k and offset is None, "OFFSET": offset is not None, "HALF": half,
              "FLOAT32_DOT": interpreting() and x.dtype == torch.bfloat16, "BLOCK_N": tile["BLOCK_N"],
              "BLOCK_K": tile["BLOCK_K"]}
     if not interpreting():

@@ -1,7 +1,7 @@
 """Quantized checkpoint directories: the streaming converter (`quantize`) and their loader (`load_weights`).
 
 On disk a quantized directory is an ordinary checkpoint directory: the same tensor names, and for each quantized weight
-`NAME` its codes under `NAME`, its scales under `NAME_scale` and (int4) its offsets under `NAME_offset`, in
+`NAME` its codes under `NAME`, its scales under `NAME_scale` and (when it has them) its offsets under `NAME_offset`, in
 model*.safetensors files. config.json carries the format (never the file names):
 
     "quantization_config": {"quant_method": "dgemma", "format": "int4", "group_size": 64, "dense": "int8",

@@ -3,11 +3,13 @@
 A weight W [..., N, K] (N output channels, K inputs; a leading dimension is the expert index) becomes a `QTensor`:
 
     kind   codes                          value of input k in row n                scale / offset [..., N, K // G]
-    int8   int8 [..., N, K]               code * scale[n, k // G]                  scale float32 (or float16)
+    int8   int8 [..., N, K]               code * scale[n, k // G] (+ offset[...])  scale float32 (or float16)
     int4   uint8 [..., N, K // 2]         code * scale[n, k // G] + offset[...]    scale, offset float16; code 0..15
     fp8    float8_e4m3fn [..., N, K]      code * scale[n, k // G]                  scale float32 (imported checkpoints)
 
 G is the group size: G = K means one scale per output channel (int8's default); int4 uses groups of 32/64/128.
+An int8 offset is optional: `quantize` never makes one; GGUF's Q5_1 and Q5_K blocks (5-bit codes with a minimum)
+repack into int8 groups of 32 with float16 scales and offsets.
 int4 packing: within each group of G inputs, byte j holds input j in its low nibble and input j + G/2 in its high
 nibble. For G = 32 that is byte for byte llama.cpp's Q4_0/Q4_1 block layout, so those blocks repack without arithmetic.
 A requested group size that does not divide a row's K falls back to the largest even divisor of K below it
@@ -35,7 +37,8 @@ _INT4_CLIP = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 @dataclass(frozen=True)
 class QTensor:
-    """A quantized weight: codes, per-group scales and (int4) offsets; see the module docstring for the layout."""
+    """A quantized weight: codes, per-group scales and offsets (int4 always, int8 optionally); see the module
+    docstring for the layout."""
 
     kind: str
     codes: torch.Tensor
@@ -52,8 +55,10 @@ class QTensor:
         lead = tuple(self.codes.shape[:-1])
         if tuple(self.scale.shape[:-1]) != lead or self.scale.shape[-1] == 0 or self.in_features % self.scale.shape[-1]:
             raise ValueError(f"scale shape {tuple(self.scale.shape)} does not fit codes {tuple(self.codes.shape)}")
-        if (self.offset is not None) != (self.kind == "int4"):
-            raise ValueError("int4 weights need an offset; int8 and fp8 weights have none")
+        if self.offset is None and self.kind == "int4":
+            raise ValueError("int4 weights need an offset")
+        if self.offset is not None and self.kind == "fp8":
+            raise ValueError("fp8 weights have no offset")
         if self.offset is not None and self.offset.shape != self.scale.shape:
             raise ValueError(f"offset shape {tuple(self.offset.shape)} differs from scale {tuple(self.scale.shape)}")
         if self.kind == "int4" and self.group_size % 2:

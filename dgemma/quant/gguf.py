@@ -27,12 +27,14 @@ Tensor names (`N` = layer; shapes in PyTorch order; norms are multiplied as stor
     blk.N.layer_output_scale.weight -> layer scalar (both passes); blk.N.enc_layer_output_scale.weight -> encoder's
     sc.ffn_gate/ffn_up/ffn_down/ffn_norm.weight -> self_conditioning.gate_proj/up_proj/down_proj/pre_norm
 
-Q8_0, Q4_0 and Q4_1 weights are repacked without arithmetic into dgemma's int8 / int4 formats (group 32). The
-K-quants of Q4_K_M / Q6_K files are repacked too, their codes by bit operations only: Q4_K -> int4 with group 32,
-scale d * sc and offset -dmin * m per 32-weight sub-block, each product of a float16 by a 6-bit integer rounded to
-float16 (so within float16 rounding of llama.cpp's values, not bit-exact); Q6_K -> int8 codes q - 32 with group 16
-and float32 scales d * sc (exact). F32, F16 and BF16 load as float; every other type the package can decode (Q5_0,
-other K-quants, IQ types, ...) is dequantized to float.
+Q8_0, Q4_0 and Q4_1 weights are repacked without arithmetic into dgemma's int8 / int4 formats (group 32); Q5_0
+(codes q - 16) and Q5_1 (codes q, offset the block's minimum) into int8 with group 32, their fifth bits joined by bit
+operations (exact). The K-quants of Q4_K_M / Q5_K_M / Q6_K files are repacked too, their codes by bit operations
+only: Q4_K -> int4 and Q5_K -> int8 (codes 0..31), both with group 32, scale d * sc and offset -dmin * m per
+32-weight sub-block, each product of a float16 by a 6-bit integer rounded to float16 (so within float16 rounding of
+llama.cpp's values, not bit-exact); Q6_K -> int8 codes q - 32 with group 16 and float32 scales d * sc (exact). F32,
+F16 and BF16 load as float; every other type the package can decode (Q2_K, Q3_K, IQ types, ...) is dequantized to
+float.
 The GGUF vocabulary is not read: a model loaded from GGUF takes token ids.
 Must not: write GGUF files or guess a mapping for other architectures.
 """
@@ -264,13 +266,36 @@ def _q4_1(blocks: torch.Tensor) -> QTensor:
     return QTensor("int4", blocks[..., 4:].flatten(-2).contiguous(), scale, offset)
 
 
-def _q4_k(blocks: torch.Tensor) -> QTensor:
-    """Q4_K super-blocks uint8 [..., N, K/256, 144] -> int4 QTensor [..., N, K] with group 32.
-    A block is d f16, dmin f16, scales[12] (eight 6-bit scales sc and eight 6-bit mins m), qs[128]; weight value
-    d * sc[i] * q - dmin * m[i] for sub-block i of 32. In each 64-weight chunk c, qs byte 32c + j holds weight j of
-    sub-block 2c in its low nibble and weight j of sub-block 2c + 1 in its high one. The codes are moved into the int4
-    nibble layout by bit operations; scale d * sc[i] and offset -dmin * m[i] are rounded to float16."""
-    lead = blocks.shape[:-2]  # [..., N]
+def _bits(qh: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., n] -> its 8n bits, least significant first: uint8 [..., n, 8] of 0 and 1."""
+    return (qh[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1
+
+
+def _q5_0(blocks: torch.Tensor) -> QTensor:
+    """Q5_0 blocks uint8 [..., N, K/32, 22] (scale d f16, qh: the codes' fifth bits as a little-endian uint32,
+    qs[16]: byte j holds weight j's low 4 bits in its low nibble and weight j + 16's in its high one; value
+    d * (q - 16)) -> int8 QTensor with group 32, codes q - 16 (exact)."""
+    high = _bits(blocks[..., 2:6]).flatten(-2) << 4  # [..., N, K/32, 32]: bit j of qh is weight j's fifth bit
+    qs = blocks[..., 6:]  # [..., N, K/32, 16]
+    codes = torch.cat([qs & 15, qs >> 4], -1) | high  # [..., N, K/32, 32], 0..31
+    scale = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)  # [..., N, K/32]
+    return QTensor("int8", (codes.to(torch.int8) - 16).flatten(-2), scale)
+
+
+def _q5_1(blocks: torch.Tensor) -> QTensor:
+    """Q5_1 blocks uint8 [..., N, K/32, 24] (scale d f16, minimum m f16, then qh and qs as in Q5_0; value d * q + m)
+    -> int8 QTensor with group 32, codes q and offset m (exact)."""
+    high = _bits(blocks[..., 4:8]).flatten(-2) << 4  # [..., N, K/32, 32]
+    qs = blocks[..., 8:]  # [..., N, K/32, 16]
+    codes = torch.cat([qs & 15, qs >> 4], -1) | high  # [..., N, K/32, 32], 0..31
+    scale, offset = blocks[..., :4].contiguous().view(torch.float16).unbind(-1)  # [..., N, K/32] each
+    return QTensor("int8", codes.to(torch.int8).flatten(-2), scale, offset)
+
+
+def _k_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K super-blocks uint8 [..., N, K/256, size] (d f16, dmin f16, scales[12]: eight 6-bit scales sc and
+    eight 6-bit mins m, ...) -> per 32-weight sub-block i the scale d * sc[i] and offset -dmin * m[i], each rounded
+    to float16: [..., N, K/32] each."""
     d = blocks[..., 0:2].contiguous().view(torch.float16).float()  # [..., N, B, 1]
     dmin = blocks[..., 2:4].contiguous().view(torch.float16).float()  # [..., N, B, 1]
     packed = blocks[..., 4:16].unflatten(-1, (3, 4))  # [..., N, B, 3, 4]
@@ -279,12 +304,31 @@ def _q4_k(blocks: torch.Tensor) -> QTensor:
     # bytes 8-11 (scales low nibble, mins high nibble), top 2 bits in the top 2 bits of bytes 0-3 / 4-7.
     sc = torch.cat([lo & 63, (mixed & 15) | ((lo >> 6) << 4)], -1)  # [..., N, B, 8]
     m = torch.cat([hi & 63, (mixed >> 4) | ((hi >> 6) << 4)], -1)  # [..., N, B, 8]
+    return (d * sc.float()).half().flatten(-2), (-(dmin * m.float())).half().flatten(-2)
+
+
+def _q4_k(blocks: torch.Tensor) -> QTensor:
+    """Q4_K super-blocks uint8 [..., N, K/256, 144] -> int4 QTensor [..., N, K] with group 32.
+    A block is d f16, dmin f16, scales[12], qs[128]; weight value d * sc[i] * q - dmin * m[i] for sub-block i of 32
+    (`_k_scales`). In each 64-weight chunk c, qs byte 32c + j holds weight j of sub-block 2c in its low nibble and
+    weight j of sub-block 2c + 1 in its high one. The codes are moved into the int4 nibble layout by bit operations."""
+    lead = blocks.shape[:-2]  # [..., N]
     qs = blocks[..., 16:].unflatten(-1, (4, 1, 32))  # [..., N, B, chunk, 1, j]
     codes = torch.cat([qs & 15, qs >> 4], -2).flatten(-3, -2)  # [..., N, B, 8 sub-blocks, 32]
     packed_codes = codes[..., :16] | (codes[..., 16:] << 4)  # [..., N, B, 8, 16]: byte j = inputs j and j + 16
-    scale = (d * sc.float()).half().flatten(-2)  # [..., N, K/32]
-    offset = (-(dmin * m.float())).half().flatten(-2)  # [..., N, K/32]
-    return QTensor("int4", packed_codes.reshape(*lead, -1), scale, offset)
+    return QTensor("int4", packed_codes.reshape(*lead, -1), *_k_scales(blocks))
+
+
+def _q5_k(blocks: torch.Tensor) -> QTensor:
+    """Q5_K super-blocks uint8 [..., N, K/256, 176] -> int8 QTensor [..., N, K] with group 32, codes 0..31 and
+    float16 scales and offsets. A block is d f16, dmin f16, scales[12], qh[32], qs[128]; weight value
+    d * sc[i] * q - dmin * m[i] for sub-block i of 32 (`_k_scales`), q a 5-bit code. The low 4 bits lie as in Q4_K;
+    weight j of sub-block i has its fifth bit in qh byte j at bit i."""
+    lead = blocks.shape[:-2]  # [..., N]
+    qs = blocks[..., 48:].unflatten(-1, (4, 1, 32))  # [..., N, B, chunk, 1, j]
+    low = torch.cat([qs & 15, qs >> 4], -2).flatten(-3, -2)  # [..., N, B, 8 sub-blocks, 32]
+    high = _bits(blocks[..., 16:48]).transpose(-1, -2) << 4  # [..., N, B, 8 sub-blocks, 32]
+    return QTensor("int8", (low | high).to(torch.int8).reshape(*lead, -1), *_k_scales(blocks))
 
 
 def _q6_k(blocks: torch.Tensor) -> QTensor:
@@ -307,20 +351,30 @@ def _q6_k(blocks: torch.Tensor) -> QTensor:
 
 
 # GGML types repacked into QTensors: (blocks [..., N, K/block, block bytes] -> QTensor, bytes per weight once loaded:
-# codes with their scales and int4 offsets).
+# codes with their scales and offsets).
 _REPACKED = {"Q8_0": (_q8_0, 1 + 2 / 32), "Q4_0": (_q4_0, 0.5 + 4 / 32), "Q4_1": (_q4_1, 0.5 + 4 / 32),
-             "Q4_K": (_q4_k, 0.5 + 4 / 32), "Q6_K": (_q6_k, 1 + 4 / 16)}
+             "Q5_0": (_q5_0, 1 + 2 / 32), "Q5_1": (_q5_1, 1 + 4 / 32), "Q4_K": (_q4_k, 0.5 + 4 / 32),
+             "Q5_K": (_q5_k, 1 + 4 / 32), "Q6_K": (_q6_k, 1 + 4 / 16)}
+
+
+def _regroup(q: QTensor, group: int) -> QTensor:
+    """An int8 weight with its scales (and offsets) repeated to groups of `group` inputs, a divisor of its own."""
+    def repeat(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.repeat_interleave(q.group_size // group, -1)
+    return QTensor("int8", q.codes, repeat(q.scale), repeat(q.offset))
 
 
 def _fuse(gate: QTensor | torch.Tensor, up: QTensor | torch.Tensor) -> QTensor | torch.Tensor:
     """Stack gate [E, I, H] and up [E, I, H] rows into gate_up [E, 2I, H], keeping a shared quantized format. int8
-    halves with different groups (Q8_0's 32, Q6_K's 16) share the smaller one, the coarser scales repeated (exact);
-    other mixes are dequantized to float."""
+    halves with different groups (Q5_K's 32, Q6_K's 16) share the smaller one, the coarser scales (and offsets)
+    repeated, and a half without offsets gets zero ones next to a half with them (exact); other mixes are dequantized
+    to float."""
     if isinstance(gate, QTensor) and isinstance(up, QTensor) and gate.kind == up.kind == "int8":
         group = min(gate.group_size, up.group_size)
         if gate.group_size % group == 0 and up.group_size % group == 0:
-            gate, up = (x if x.group_size == group else
-                        QTensor("int8", x.codes, x.scale.repeat_interleave(x.group_size // group, -1))
+            gate, up = (_regroup(x, group) for x in (gate, up))
+        if (gate.offset is None) != (up.offset is None):
+            gate, up = (x if x.offset is not None else QTensor("int8", x.codes, x.scale, torch.zeros_like(x.scale))
                         for x in (gate, up))
     if isinstance(gate, QTensor) and isinstance(up, QTensor) and gate.kind == up.kind and \
             gate.group_size == up.group_size:

@@ -6,11 +6,11 @@
   time), else each expert through the quantized kernel.
 - `QuantEmbedding` replaces the tied `embed_tokens`: lookups dequantize only the rows asked for, and its `.weight`
   (used by the model as the LM head and for self-conditioning's soft embeddings) is a `QuantWeight` view.
-A quantized weight `w` lives in three buffers, `w_codes`, `w_scale` and `w_offset` (int4 only); reading the attribute
-`w` gives a `QuantWeight`, a storage-less tensor that dispatches F.linear, matmul, F.embedding and indexing of its
-first dimension to `dgemma.kernels.dequant_matmul` and refuses anything else. `compute_dtype` is the activation dtype,
-fixed when the model is built: choose the dtype at load time, not with `.to(dtype)` afterwards (that would cast scales
-and FP8 codes). Moving devices with `.to(device)` is fine.
+A quantized weight `w` lives in three buffers, `w_codes`, `w_scale` and `w_offset` (when it has offsets); reading
+the attribute `w` gives a `QuantWeight`, a storage-less tensor that dispatches F.linear, matmul, F.embedding and
+indexing of its first dimension to `dgemma.kernels.dequant_matmul` and refuses anything else. `compute_dtype` is the
+activation dtype, fixed when the model is built: choose the dtype at load time, not with `.to(dtype)` afterwards (that
+would cast scales and FP8 codes). Moving devices with `.to(device)` is fine.
 
 Also here: which checkpoint tensors are quantized (`role`), `quantize_model` (in-memory swap of a float model) and
 `build` (a model assembled tensor by tensor from float and quantized entries, for every quantized loader).
