@@ -103,6 +103,34 @@ def test_fused_kernels_match_reference(kind, dtype, cpu_bf16, monkeypatch):
     assert torch.equal(kernels.embedding(ids, q, dtype), F.embedding(ids, dequantize(q, dtype)))
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_kept_decode_buffers_leave_gradients_and_earlier_results_intact(kind, monkeypatch):
+    """Tiles are decoded into one kept buffer, except when autograd may save the weight: gradients through several
+    tiles and grouped experts equal the reference's, and a result computed earlier is not changed by later calls."""
+    monkeypatch.setattr(kernels, "TILE_ELEMENTS", 128 * 40)  # three tiles
+    monkeypatch.setattr(kernels, "EXPERT_TILE_ELEMENTS", 2 * 48 * 64)  # three expert tiles
+    q = quantize(_weight(96, 128, seed=5), kind, 32)
+    stacked = quantize(_weight(5, 48, 64, seed=6), kind, 32)
+    counts = torch.tensor([3, 0, 4, 1, 2])
+    gen = torch.Generator().manual_seed(7)
+    for fused, reference, x, args in [
+            (kernels.linear, kernels.linear_reference, torch.randn(2, 5, 128, generator=gen), (q,)),
+            (kernels.matmul, kernels.matmul_reference, torch.randn(3, 96, generator=gen), (q,)),
+            (lambda xs, w: kernels.grouped_linear(xs, counts, w),
+             lambda xs, w: torch.cat([kernels.linear_reference(part, w.map(lambda t, e=e: t[e]))
+                                      for e, part in enumerate(xs.split(counts.tolist()))]),
+             torch.randn(10, 64, generator=gen), (stacked,))]:
+        ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        probe = torch.randn(fused(x, *args).shape, generator=gen)
+        (fused(ours, *args) * probe).sum().backward()
+        (reference(theirs, *args) * probe).sum().backward()
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-6)
+        first = fused(x, *args)
+        kept = first.clone()
+        fused(torch.randn(x.shape, generator=gen), *args)
+        assert torch.equal(first, kept)
+
+
 def test_cpu_bfloat16_products_only_for_large_float32_products(monkeypatch):
     monkeypatch.setattr(kernels, "CPU_BF16", True)
     x = torch.zeros(4, 8)

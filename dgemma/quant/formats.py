@@ -195,14 +195,25 @@ def quantize(weight: torch.Tensor, kind: str, group_size: int | None = None) -> 
     return QTensor(kind, codes_t, scale_t, offset_t)
 
 
-def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """QTensor -> float weight [..., N, K] in `dtype` (computed in float32)."""
-    values = unpack_int4(q.codes, q.group_size) if q.kind == "int4" else q.codes
+def dequantize(q: QTensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """QTensor -> float weight [..., N, K] in `dtype` (computed in float32). `out` (contiguous float32 [..., N, K])
+    takes the float32 values instead of a new tensor, so a caller may reuse one buffer tile after tile."""
     lead, k, groups = q.codes.shape[:-1], q.in_features, q.scale.shape[-1]
-    out = values.float().view(*lead, groups, k // groups) * q.scale.float()[..., None]
+    if out is None:
+        out = torch.empty(*lead, k, dtype=torch.float32, device=q.codes.device)
+    grouped = out.view(*lead, groups, k // groups)
+    scale = q.scale.float()[..., None]  # [..., N, groups, 1]
+    if q.kind == "int4":  # each group's bytes: low nibbles are its first half, high nibbles its second
+        packed = q.codes.view(*lead, groups, k // groups // 2)
+        halves = grouped.view(*lead, groups, 2, k // groups // 2)
+        torch.mul(packed & 15, scale, out=halves[..., 0, :])
+        torch.mul(packed >> 4, scale, out=halves[..., 1, :])
+    else:
+        codes = q.codes.float() if q.kind == "fp8" else q.codes  # float8 takes no part in type promotion
+        torch.mul(codes.view(*lead, groups, k // groups), scale, out=grouped)
     if q.offset is not None:
-        out += q.offset.float()[..., None]
-    return out.view(*lead, k).to(dtype)
+        grouped += q.offset.float()[..., None]
+    return out.to(dtype)
 
 
 def quantized_nbytes(shape: tuple[int, ...], kind: str, group_size: int | None) -> int:
