@@ -136,3 +136,33 @@ def test_quantized_copy_leaves_the_float_model_intact():
     got = Model(q, GenerationSettings()).canvas_logits(prompt, canvas)
     # Loose: random routers sit on near-ties that int8 can flip (tests/test_quant.py checks accuracy properly).
     assert 0.98 < torch.nn.functional.cosine_similarity(before.flatten(), got.flatten(), dim=0) < 1
+
+
+def test_cpu_26b_script_builds_random_quantized_weights_and_prints_its_table(monkeypatch, capsys):
+    """bench/cpu_26b.py on the tiny shape: every quantizable weight random int4 (experts) or int8 (the rest), built
+    without a float copy, then one canvas generated; the table names memory and speed."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from dgemma.config import preset
+    from dgemma.quant import dequantize
+    from dgemma.quant.modules import build
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "cpu_26b.py"
+    module = runpy.run_path(str(script))
+    cfg = preset("tiny")
+    net = build(cfg, module["entries"](cfg, 32, 0), torch.float32, torch.device("cpu"), "tiny")
+    experts, attention = net.layers[0].experts, net.layers[0].self_attn.q_proj
+    assert (experts.qtensor("gate_up_proj").kind, experts.qtensor("gate_up_proj").group_size) == ("int4", 32)
+    assert attention.qtensor("weight").kind == "int8" and net.embed_tokens.qtensor("weight").kind == "int8"
+    assert 0.015 < dequantize(experts.qtensor("down_proj")).std().item() < 0.025  # spread like the N(0, 0.02) init
+
+    monkeypatch.setattr(sys, "argv", ["cpu_26b.py", "--shape", "tiny", "--steps", "3"])
+    module["main"]()
+    header, _, row = capsys.readouterr().out.strip().splitlines()
+    assert "peak RSS (GB)" in header and "s / step" in header
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "tiny" and float(cells[6]) > 0 and float(cells[5]) >= float(cells[4]) > 0
