@@ -131,6 +131,18 @@ def test_kept_decode_buffers_leave_gradients_and_earlier_results_intact(kind, mo
         assert torch.equal(first, kept)
 
 
+def test_kept_decode_buffers_work_in_and_out_of_inference_mode():
+    q = quantize(_weight(96, 128, seed=8), "int4", 32)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(9))
+    want = kernels.linear_reference(x, q)
+    kernels._BUFFERS.__dict__.clear()  # the first buffer is made inside inference mode
+    with torch.inference_mode():
+        torch.testing.assert_close(kernels.linear(x, q), want)
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.linear(x, q), want)
+    torch.testing.assert_close(kernels.linear(x, q), want)
+
+
 def test_cpu_bfloat16_products_only_for_large_float32_products(monkeypatch):
     monkeypatch.setattr(kernels, "CPU_BF16", True)
     x = torch.zeros(4, 8)

@@ -80,7 +80,8 @@ def _buffer(shape: torch.Size, dtype: torch.dtype, x: torch.Tensor) -> torch.Ten
         kept = _BUFFERS.by_dtype = {}
     n = math.prod(shape)
     if dtype not in kept or kept[dtype].numel() < n:
-        kept[dtype] = torch.empty(n, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+            kept[dtype] = torch.empty(n, dtype=dtype)
     return kept[dtype][:n].view(shape)
 
 
