@@ -318,7 +318,7 @@ def test_q5_k_and_q6_k_experts_fuse_into_int8_with_offsets():
     fused = _fuse(_q5_k(torch.from_numpy(gate_raw).unflatten(-1, (1, 176))),
                   _q6_k(torch.from_numpy(up_raw).unflatten(-1, (1, 210))))
     assert (fused.kind, fused.group_size, tuple(fused.shape)) == ("int8", 16, (2, 6, 256))
-    assert torch.all(fused.offset[:, 3:] == 0)  # Q6_K's half has no minimum
+    assert torch.all(fused.offset[:, 3:] == 0) and fused.offset.dtype == torch.float16  # Q6_K's half has no minimum
     expected = np.concatenate([gguf.quants.dequantize(gate_raw, Q.Q5_K), gguf.quants.dequantize(up_raw, Q.Q6_K)], 1)
     np.testing.assert_array_equal(dequantize(fused).numpy(), expected)
 

@@ -374,7 +374,9 @@ def _fuse(gate: QTensor | torch.Tensor, up: QTensor | torch.Tensor) -> QTensor |
         if gate.group_size % group == 0 and up.group_size % group == 0:
             gate, up = (_regroup(x, group) for x in (gate, up))
         if (gate.offset is None) != (up.offset is None):
-            gate, up = (x if x.offset is not None else QTensor("int8", x.codes, x.scale, torch.zeros_like(x.scale))
+            like = gate.offset if gate.offset is not None else up.offset  # the other half's offsets (float16)
+            gate, up = (x if x.offset is not None else
+                        QTensor("int8", x.codes, x.scale, torch.zeros(x.scale.shape, dtype=like.dtype))
                         for x in (gate, up))
     if isinstance(gate, QTensor) and isinstance(up, QTensor) and gate.kind == up.kind and \
             gate.group_size == up.group_size:
