@@ -5,8 +5,9 @@
 
 `dgemma bench` builds float weights first and quantizes them, which for 26b-a4b needs about 50 GB. Here every
 quantizable weight is made directly as random codes (uniform; scales and offsets set so weights spread like
-N(0, 0.02)) in the layout `dgemma quantize --to int4 --group-size 64 --dense int8` writes (the embedding and head int8
-per row), the norms, router and scalars in float32, and the model is assembled tensor by tensor with the loader's
+N(0, 0.02)) in the layout `dgemma quantize --to int4 --group-size 64 --dense int8` writes (every quantized weight in
+groups of 64 inputs: the experts int4, the other linears and the tied embedding/head int8), the norms, router and
+scalars in float32, and the model is assembled tensor by tensor with the loader's
 `build`. Then one canvas is generated at batch 1 with a fixed number of denoising steps (EOS off) and the script prints
 the resident set of the process (VmRSS: after building, and its peak VmHWM over the whole run), the weights' bytes and
 the seconds per step (mean gap between consecutive steps; the first step, which includes warm-up, is left out).
@@ -56,7 +57,7 @@ def entries(cfg: ModelConfig, group: int, seed: int):
     for name, shape in shapes.items():
         kind = weight_kind(role(name), "int4", "int8", "int8")
         if kind is not None:
-            yield name, random_qtensor(shape, kind, group if kind == "int4" else None, gen)
+            yield name, random_qtensor(shape, kind, group, gen)
         elif name.endswith("_layer_scalars"):
             for i in range(shape[0]):
                 yield f"{name.removesuffix('_layer_scalars')}_layer_scalars.{i}", torch.ones(())
