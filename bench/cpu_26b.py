@@ -75,6 +75,8 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.steps < 2:
+        p.error("--steps must be at least 2: the first step, which includes warm-up, is not timed")
 
     cfg = dataclasses.replace(preset(args.shape), eos_token_ids=())
     start = time.perf_counter()
