@@ -99,5 +99,6 @@ def main() -> None:
     print("|" + "---|" * len(row))
     print("| " + " | ".join(str(v) for v in row.values()) + " |")
 
+
 if __name__ == "__main__":
     main()

@@ -271,23 +271,25 @@ def _bits(qh: torch.Tensor) -> torch.Tensor:
     return (qh[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1
 
 
+def _five_bit_codes(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+    """Q5_0 / Q5_1 code bytes: qh uint8 [..., 4] (the fifth bits, a little-endian uint32: bit j is weight j's) and
+    qs [..., 16] (byte j: weight j's low 4 bits in its low nibble, weight j + 16's in its high one) -> codes 0..31
+    uint8 [..., 32]."""
+    return torch.cat([qs & 15, qs >> 4], -1) | (_bits(qh).flatten(-2) << 4)
+
+
 def _q5_0(blocks: torch.Tensor) -> QTensor:
-    """Q5_0 blocks uint8 [..., N, K/32, 22] (scale d f16, qh: the codes' fifth bits as a little-endian uint32,
-    qs[16]: byte j holds weight j's low 4 bits in its low nibble and weight j + 16's in its high one; value
-    d * (q - 16)) -> int8 QTensor with group 32, codes q - 16 (exact)."""
-    high = _bits(blocks[..., 2:6]).flatten(-2) << 4  # [..., N, K/32, 32]: bit j of qh is weight j's fifth bit
-    qs = blocks[..., 6:]  # [..., N, K/32, 16]
-    codes = torch.cat([qs & 15, qs >> 4], -1) | high  # [..., N, K/32, 32], 0..31
+    """Q5_0 blocks uint8 [..., N, K/32, 22] (scale d f16, qh[4], qs[16]; value d * (q - 16)) -> int8 QTensor with
+    group 32, codes q - 16 (exact)."""
+    codes = _five_bit_codes(blocks[..., 2:6], blocks[..., 6:])  # [..., N, K/32, 32]
     scale = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)  # [..., N, K/32]
     return QTensor("int8", (codes.to(torch.int8) - 16).flatten(-2), scale)
 
 
 def _q5_1(blocks: torch.Tensor) -> QTensor:
-    """Q5_1 blocks uint8 [..., N, K/32, 24] (scale d f16, minimum m f16, then qh and qs as in Q5_0; value d * q + m)
-    -> int8 QTensor with group 32, codes q and offset m (exact)."""
-    high = _bits(blocks[..., 4:8]).flatten(-2) << 4  # [..., N, K/32, 32]
-    qs = blocks[..., 8:]  # [..., N, K/32, 16]
-    codes = torch.cat([qs & 15, qs >> 4], -1) | high  # [..., N, K/32, 32], 0..31
+    """Q5_1 blocks uint8 [..., N, K/32, 24] (scale d f16, minimum m f16, qh[4], qs[16]; value d * q + m) -> int8
+    QTensor with group 32, codes q and offset m (exact)."""
+    codes = _five_bit_codes(blocks[..., 4:8], blocks[..., 8:])  # [..., N, K/32, 32]
     scale, offset = blocks[..., :4].contiguous().view(torch.float16).unbind(-1)  # [..., N, K/32] each
     return QTensor("int8", codes.to(torch.int8).flatten(-2), scale, offset)
 
