@@ -87,6 +87,7 @@ def test_fused_kernels_match_reference(kind, dtype, cpu_bf16, monkeypatch):
     w = _weight(96, 128, seed=1)
     q = _quantized(w, kind, 32)
     monkeypatch.setattr(kernels, "TILE_ELEMENTS", 128 * 40)  # several tiles, the last one short
+    monkeypatch.setattr(kernels, "DECODE_ELEMENTS", 128 * 7)  # each decoded in parts, the last one short
     monkeypatch.setattr(kernels, "CPU_BF16", cpu_bf16)  # float32 multiplied as bfloat16, as on CPUs with bf16 hardware
     monkeypatch.setattr(kernels, "BF16_MIN_WORK", 0)  # however small the product
     gen = torch.Generator().manual_seed(2)
@@ -160,6 +161,7 @@ def test_grouped_experts_match_expert_by_expert(kind, group, cpu_bf16, monkeypat
     w = _weight(5, 48, 64, seed=3)  # [E, N, K]
     q = _quantized(w, kind, group)
     monkeypatch.setattr(kernels, "EXPERT_TILE_ELEMENTS", 2 * 48 * 64)  # two experts per tile, the last tile short
+    monkeypatch.setattr(kernels, "DECODE_ELEMENTS", 64 * 10)  # decoded in parts that straddle experts
     monkeypatch.setattr(kernels, "CPU_BF16", cpu_bf16)
     monkeypatch.setattr(kernels, "BF16_MIN_WORK", 0)
     counts = torch.tensor([3, 0, 4, 1, 0])  # expert 1 and the whole last tile have no rows

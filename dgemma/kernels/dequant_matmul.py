@@ -1,8 +1,7 @@
 """Matrix products with quantized weights (`dgemma.quant.formats.QTensor`), fused and reference.
 
 The fused path never builds the whole float weight: it dequantizes a tile of output channels (about `TILE_ELEMENTS`
-weights, small enough to stay in a CPU cache; on a GPU `GPU_TILE_ELEMENTS`, for few launches) and multiplies it at once,
-tile after tile; weights with one scale per output channel skip the weight-side multiply and scale the tile's output
+weights; on a GPU `GPU_TILE_ELEMENTS`, for few launches) and multiplies it at once, tile after tile; weights with one scale per output channel skip the weight-side multiply and scale the tile's output
 instead. Stacked expert weights [E, N, K] (`grouped_linear`) are dequantized a few experts at a time and multiplied with
 torch._grouped_mm, one call per tile of experts. The reference path dequantizes the whole weight, then calls the plain
 PyTorch op; tests check that both agree on CPU. `FUSED` switches between them. Weights are decoded into the activations'
@@ -18,6 +17,10 @@ DGEMMA_CPU_BF16=0 keeps float32 products on such CPUs; =1 takes bfloat16 ones an
 On the CPU a tile's decoded weight goes into a buffer kept per thread and dtype (`_decoded`), not a fresh tensor of a
 few MB, which the allocator may map anew and page-fault on first touch (on a 2-core AVX2 machine, one `small` layer's
 expert product, 1024 rows over 32 experts, took 16.0 instead of 18.7 ms for int8 and 16.6 instead of 18.7 for int4).
+Tiles are large (4M weights: 8 MB in bfloat16) because a matrix product's cost per call (packing the activations,
+short output blocks) falls as the tile grows, while the decoding runs `DECODE_ELEMENTS` weights at a time, whose
+passes stay in cache. On a 2-core AMX CPU, a 1408 x 2816 int4 weight times 256 rows took 3.2 ms in 4M-weight tiles
+against 6.1 ms in the 256K-weight tiles used before (int8 per channel 1.7 against 4.2 ms).
 Where autograd may keep the weight for a backward pass, a fresh tensor is used.
 This is plain PyTorch and runs anywhere; on a GPU, `linear` with a 2-D int8 or int4 weight goes to the Triton kernel
 in `triton_dequant` when Triton is installed (fp8 weights, `matmul` and `embedding` stay here).
@@ -37,9 +40,10 @@ from ..quant.formats import QTensor, dequantize
 from . import triton_dequant
 
 FUSED = True
-TILE_ELEMENTS = 1 << 18
+TILE_ELEMENTS = 1 << 22
+DECODE_ELEMENTS = 1 << 18
 GPU_TILE_ELEMENTS = 1 << 26
-EXPERT_TILE_ELEMENTS = 1 << 20
+EXPERT_TILE_ELEMENTS = 1 << 22
 BF16_MIN_WORK = 1 << 24
 
 
@@ -87,15 +91,24 @@ def _buffer(shape: torch.Size, dtype: torch.dtype, x: torch.Tensor) -> torch.Ten
 
 def _decoded(q: QTensor, dtype: torch.dtype, x: torch.Tensor, codes_only: bool = False) -> torch.Tensor:
     """q's weight in `dtype` for a product with `x`: its codes as they are (`codes_only`, for per-channel weights
-    whose scales are applied to the output) or dequantized; in kept buffers where `_buffer` allows."""
+    whose scales are applied to the output) or dequantized; in kept buffers where `_buffer` allows, decoded
+    `DECODE_ELEMENTS` weights at a time so each decoding pass works in cache (for bfloat16 through a float32 scratch
+    of that size)."""
     out = _buffer(q.shape, dtype, x)
     if codes_only:
         return q.codes.to(dtype) if out is None else out.copy_(q.codes)
     if out is None:
         return dequantize(q, dtype)
-    if dtype == torch.float32:
-        return dequantize(q, out=out)
-    return out.copy_(dequantize(q, out=_buffer(q.shape, torch.float32, x)))
+    flat = q.map(lambda t: t.reshape(-1, t.shape[-1]))  # [R, K or K // 2]
+    rows = out.view(-1, q.in_features)  # [R, K]
+    step = max(1, DECODE_ELEMENTS // q.in_features)
+    for start in range(0, rows.shape[0], step):
+        part, dest = flat.rows(start, start + step), rows[start:start + step]
+        if dtype == torch.float32:
+            dequantize(part, out=dest)
+        else:
+            dest.copy_(dequantize(part, out=_buffer(part.shape, torch.float32, x)))
+    return out
 
 
 def _tile_rows(q: QTensor) -> int:
