@@ -70,6 +70,11 @@ def _per_channel(q: QTensor) -> bool:
     return q.scale.shape[-1] == 1 and q.offset is None
 
 
+def _autograd(x: torch.Tensor) -> bool:
+    """Whether autograd records products with `x` (and may save their operands for the backward pass)."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 _BUFFERS = threading.local()  # .by_dtype: {dtype: flat CPU tensor}, grown as needed
 
 
@@ -77,7 +82,7 @@ def _buffer(shape: torch.Size, dtype: torch.dtype, x: torch.Tensor) -> torch.Ten
     """A kept CPU tensor of `shape` for one decoded tile multiplied with activations `x`, or None where a fresh tensor
     is needed: off the CPU (the caching allocator is cheap there), or when autograd may save the weight for the
     backward pass of a product with `x`. Its contents are overwritten by the next tile of the same dtype."""
-    if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+    if x.device.type != "cpu" or _autograd(x):
         return None
     kept = getattr(_BUFFERS, "by_dtype", None)
     if kept is None:
@@ -121,14 +126,19 @@ def linear_reference(x: torch.Tensor, q: QTensor) -> torch.Tensor:
     return F.linear(x, dequantize(q, x.dtype))
 
 
-def _tile_linear(x: torch.Tensor, q: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """x [M, K] (in the compute dtype) @ W[N, K]^T -> [M, N] in `out_dtype` for one tile. With one scale per row and
-    no offset (per-channel int8, fp8) the codes are multiplied as they are and the scales applied to the much smaller
+def _tile_linear(x: torch.Tensor, q: QTensor, out: torch.Tensor) -> None:
+    """out [M, N] (a column slice of the whole output) = x [M, K] (in the compute dtype) @ W[N, K]^T for one tile,
+    written in place: a fresh [M, N] result per tile would cost page faults and a copy. With one scale per row and no
+    offset (per-channel int8, fp8) the codes are multiplied as they are and the scales applied to the much smaller
     output."""
-    if _per_channel(q):
-        w = _decoded(q, x.dtype, x, codes_only=True)
-        return torch.mm(x, w.t()).to(out_dtype).mul_(q.scale.view(1, -1).to(out_dtype))
-    return torch.mm(x, _decoded(q, x.dtype, x).t()).to(out_dtype)
+    per_channel = _per_channel(q)
+    w = _decoded(q, x.dtype, x, codes_only=per_channel)  # [N, K]
+    if out.dtype == x.dtype and not _autograd(x):
+        torch.mm(x, w.t(), out=out)
+    else:
+        out.copy_(torch.mm(x, w.t()))
+    if per_channel:
+        out.mul_(q.scale.view(1, -1).to(out.dtype))
 
 
 def linear(x: torch.Tensor, q: QTensor) -> torch.Tensor:
@@ -141,12 +151,10 @@ def linear(x: torch.Tensor, q: QTensor) -> torch.Tensor:
     step = _tile_rows(q)
     flat = x.reshape(-1, k)  # [M, K]
     flat = flat.to(_compute_dtype(x, flat.shape[0] * n * k))
-    if step >= n:
-        return _tile_linear(flat, q, x.dtype).view(*x.shape[:-1], n)
     out = x.new_empty(flat.shape[0], n)  # [M, N]
     for start in range(0, n, step):
         stop = min(start + step, n)
-        out[:, start:stop] = _tile_linear(flat, q.rows(start, stop), x.dtype)
+        _tile_linear(flat, q.rows(start, stop), out[:, start:stop])
     return out.view(*x.shape[:-1], n)
 
 
@@ -168,17 +176,20 @@ def grouped_linear(xs: torch.Tensor, counts: torch.Tensor, q: QTensor) -> torch.
     per_channel = _per_channel(q)
     ends = counts.cumsum(0)  # [E]
     bounds = [0] + ends.tolist()
-    out = xs.new_empty(xs.shape[0], n)  # [P, N]
     step = max(1, EXPERT_TILE_ELEMENTS // (n * k))
-    for first in range(0, e, step):
-        last = min(first + step, e)
+    tiles = [(first, min(first + step, e)) for first in range(0, e, step)]
+    tiles = [(first, last) for first, last in tiles if bounds[last] > bounds[first]]  # those with rows
+    # One tile holds every row: its product is the output (a fresh [P, N] tensor to copy into costs page faults).
+    out = None if len(tiles) == 1 else xs.new_empty(xs.shape[0], n)  # [P, N]
+    for first, last in tiles:
         lo, hi = bounds[first], bounds[last]
-        if lo == hi:
-            continue
         tile = q.map(lambda t: t[first:last])
         w = _decoded(tile, x.dtype, xs, codes_only=per_channel)  # [T, N, K]
         y = torch._grouped_mm(x[lo:hi], w.transpose(1, 2), offs=(ends[first:last] - lo).to(torch.int32))
-        out[lo:hi] = y.to(xs.dtype)  # [rows, N]
+        if out is None:
+            out = y.to(xs.dtype)  # [P, N]
+        else:
+            out[lo:hi] = y  # [rows, N]
         if per_channel:
             out[lo:hi].mul_(tile.scale.view(last - first, n).to(xs.dtype).repeat_interleave(counts[first:last], 0))
     return out
