@@ -1,7 +1,8 @@
 """Matrix products with quantized weights (`dgemma.quant.formats.QTensor`), fused and reference.
 
 The fused path never builds the whole float weight: it dequantizes a tile of output channels (about `TILE_ELEMENTS`
-weights; on a GPU `GPU_TILE_ELEMENTS`, for few launches) and multiplies it at once, tile after tile; weights with one scale per output channel skip the weight-side multiply and scale the tile's output
+weights; on a GPU `GPU_TILE_ELEMENTS`, for few launches) and multiplies it at once into its columns of the output, tile
+after tile; weights with one scale per output channel skip the weight-side multiply and scale the tile's output
 instead. Stacked expert weights [E, N, K] (`grouped_linear`) are dequantized a few experts at a time and multiplied with
 torch._grouped_mm, one call per tile of experts. The reference path dequantizes the whole weight, then calls the plain
 PyTorch op; tests check that both agree on CPU. `FUSED` switches between them. Weights are decoded into the activations'
