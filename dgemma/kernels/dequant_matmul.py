@@ -105,11 +105,12 @@ def _decoded(q: QTensor, dtype: torch.dtype, x: torch.Tensor, codes_only: bool =
         return q.codes.to(dtype) if out is None else out.copy_(q.codes)
     if out is None:
         return dequantize(q, dtype)
-    flat = q.map(lambda t: t.reshape(-1, t.shape[-1]))  # [R, K or K // 2]
-    rows = out.view(-1, q.in_features)  # [R, K]
-    step = max(1, DECODE_ELEMENTS // q.in_features)
-    for start in range(0, rows.shape[0], step):
-        part, dest = flat.rows(start, start + step), rows[start:start + step]
+    rows, step = math.prod(q.shape[:-1]), max(1, DECODE_ELEMENTS // q.in_features)
+    parts = [(q, out)]  # (weight rows, their place in `out`)
+    if rows > step:
+        flat, dests = q.map(lambda t: t.reshape(rows, -1)), out.view(rows, -1)  # [R, K or K // 2], [R, K]
+        parts = [(flat.rows(start, start + step), dests[start:start + step]) for start in range(0, rows, step)]
+    for part, dest in parts:
         if dtype == torch.float32:
             dequantize(part, out=dest)
         else:

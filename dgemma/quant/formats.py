@@ -89,7 +89,9 @@ class QTensor:
         return QTensor(self.kind, fn(self.codes), fn(self.scale), None if self.offset is None else fn(self.offset))
 
     def rows(self, start: int, stop: int) -> QTensor:
-        """Output channels [start, stop) of a 2-D weight."""
+        """Output channels [start, stop) of a 2-D weight (itself when that is all of them: no new views to check)."""
+        if start == 0 and stop >= self.codes.shape[0]:
+            return self
         return self.map(lambda t: t[start:stop])
 
 
