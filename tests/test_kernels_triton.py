@@ -25,10 +25,10 @@ from test_quant import int8_with_offsets
 # to one step (2^-7 relative) where a GPU and PyTorch round to nearest; it does so for the weights and for y.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 2e-2}
 
-# (kind, group, N, K): N is never a multiple of the 64-wide block; K = 96 and 176 are not multiples of 64, and
-# groups of 88 straddle two K blocks.
+# (kind, group, N, K): N is never a multiple of the 64-wide block; K = 96 and 176 are not multiples of 64, groups of
+# 88 straddle two K blocks, and groups of 16 (GGUF's Q2_K / Q3_K) fill half of the 16 bytes a K-step reads.
 WEIGHTS = [("int8", None, 70, 96), ("int8", 32, 70, 96), ("int4", 32, 70, 96), ("int4", 64, 40, 192),
-           ("int4", 128, 33, 384), ("int4", 88, 70, 176)]
+           ("int4", 128, 33, 384), ("int4", 88, 70, 176), ("int4", 16, 70, 96)]
 
 
 def _randn(*shape, seed):
@@ -120,7 +120,8 @@ def _grouped_reference(xs, counts, q):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("counts", COUNTS, ids=str)
 @pytest.mark.parametrize("kind, group, n, k", [w for w in WEIGHTS if w[:2] in
-                                              (("int8", None), ("int8", 32), ("int4", 32), ("int4", 88))])
+                                              (("int8", None), ("int8", 32), ("int4", 32), ("int4", 88),
+                                               ("int4", 16))])
 def test_grouped_matches_per_expert_reference(kind, group, n, k, counts, dtype):
     q = quantize(_randn(len(counts), n, k, seed=n + k) * 0.02, kind, group)  # [E, N, K]
     xs = _randn(sum(counts), k, seed=len(counts)).to(dtype)  # [P, K]

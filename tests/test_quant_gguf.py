@@ -11,6 +11,7 @@ import torch
 import dgemma
 from dgemma.api import Model
 from dgemma.config import SLIDING, preset
+from dgemma.quant import QTensor
 from test_quant import _realistic
 
 gguf = pytest.importorskip("gguf")
@@ -112,20 +113,67 @@ def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
                           -1).reshape(r, k // 256 * 210)
 
 
+def _crumbs_to_bytes(q: np.ndarray) -> np.ndarray:
+    """2-bit fields [blocks, 8, 32] (weight 32j + l) -> Q2_K / Q3_K qs [blocks, 64]: byte 32 * (j // 4) + l holds
+    weight 32j + l's field at bit 2 * (j % 4)."""
+    f = (q & 3).reshape(-1, 2, 4, 32)  # [blocks, half, j % 4, l]
+    return (f[:, :, 0] | (f[:, :, 1] << 2) | (f[:, :, 2] << 4) | (f[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _q3_k_blocks(x: np.ndarray) -> np.ndarray:
+    """float32 [R, K] -> valid Q3_K blocks uint8 [R, K / 256 * 110], by absmax per 16 weights: value
+    d * (sc - 32) * (q - 4), d a power of two."""
+    r, k = x.shape
+    sub = x.reshape(-1, 16, 16)  # [blocks, sub-block, weight]
+    step = np.abs(sub).max(-1) / 4  # [blocks, 16]
+    d = _power_of_two(step.max(-1) / 31)  # [blocks]
+    sc = np.clip(np.round(step / d.astype(np.float32)[:, None]), 1, 31)  # sc - 32, 1..31
+    q = np.clip(np.round(sub / (d.astype(np.float32)[:, None] * sc)[..., None]) + 4, 0, 7).astype(np.uint8)
+    q = q.reshape(-1, 8, 32)  # [blocks, j, l]
+    hmask = ((q >> 2) << np.arange(8, dtype=np.uint8)[:, None]).sum(1, dtype=np.uint8)  # [blocks, 32]: bit j
+    six = (sc + 32).astype(np.uint8)  # [blocks, 16]
+    low = (six[:, :8] & 15) | ((six[:, 8:] & 15) << 4)  # [blocks, 8]
+    top = (six >> 4).reshape(-1, 4, 4)  # [blocks, i // 4, i % 4]
+    high = top[:, 0] | (top[:, 1] << 2) | (top[:, 2] << 4) | (top[:, 3] << 6)  # [blocks, 4]
+    return np.concatenate([hmask, _crumbs_to_bytes(q), low, high, _half_bytes(d)], -1).reshape(r, k // 256 * 110)
+
+
+def _q2_k_blocks(x: np.ndarray) -> np.ndarray:
+    """float32 [R, K] -> valid Q2_K blocks uint8 [R, K / 256 * 84], by min/max per 16 weights: value
+    d * sc * q - dmin * m (sc, m 4-bit), d and dmin powers of two."""
+    r, k = x.shape
+    sub = x.reshape(-1, 16, 16)  # [blocks, sub-block, weight]
+    low = np.minimum(sub.min(-1), 0)  # [blocks, 16]
+    step = (sub.max(-1) - low) / 3
+    d, dmin = _power_of_two(step.max(-1) / 15), _power_of_two(-low.min(-1) / 15)  # [blocks]
+    sc = np.clip(np.round(step / d.astype(np.float32)[:, None]), 1, 15).astype(np.uint8)
+    m = np.clip(np.round(-low / dmin.astype(np.float32)[:, None]), 0, 15).astype(np.uint8)
+    scale, offset = d.astype(np.float32)[:, None] * sc, dmin.astype(np.float32)[:, None] * m  # [blocks, 16]
+    q = np.clip(np.round((sub + offset[..., None]) / scale[..., None]), 0, 3).astype(np.uint8).reshape(-1, 8, 32)
+    return np.concatenate([sc | (m << 4), _crumbs_to_bytes(q), _half_bytes(d), _half_bytes(dmin)],
+                          -1).reshape(r, k // 256 * 84)
+
+
+# Writers for the K-quants the gguf package cannot quantize, with the relative RMS error their blocks must stay under.
+_WRITERS = {Q.Q4_K: (_q4_k_blocks, 0.1), Q.Q5_K: (_q5_k_blocks, 0.1), Q.Q6_K: (_q6_k_blocks, 0.1),
+            Q.Q3_K: (_q3_k_blocks, 0.3), Q.Q2_K: (_q2_k_blocks, 0.5)}
+
+
 def _quantize(data: np.ndarray, qtype) -> np.ndarray:
-    """gguf.quants.quantize, plus Q4_K, Q5_K and Q6_K (which the gguf package cannot quantize) by the rules above."""
-    writers = {Q.Q4_K: _q4_k_blocks, Q.Q5_K: _q5_k_blocks, Q.Q6_K: _q6_k_blocks}
-    if qtype not in writers:
+    """gguf.quants.quantize, plus the K-quants of `_WRITERS` by the rules above."""
+    if qtype not in _WRITERS:
         return gguf.quants.quantize(data, qtype)
-    packed = writers[qtype](data.reshape(-1, data.shape[-1]))
+    writer, error = _WRITERS[qtype]
+    packed = writer(data.reshape(-1, data.shape[-1]))
     decoded = gguf.quants.dequantize(packed, qtype)  # valid blocks, close to the weights
-    assert np.sqrt(np.mean((decoded - data.reshape(decoded.shape)) ** 2)) < 0.1 * np.sqrt(np.mean(data ** 2))
+    assert np.sqrt(np.mean((decoded - data.reshape(decoded.shape)) ** 2)) < error * np.sqrt(np.mean(data ** 2))
     return packed.reshape(*data.shape[:-1], -1)
 
 
 def write_gguf(path, net, types: dict, arch="diffusion_gemma", split_experts=False):
-    """Write `net` as a GGUF file; `types` maps a weight kind ("attn", "mlp", "gate_up", "down", "embed") to its
-    GGML type, everything 1-D is F32. Returns a float twin holding exactly the values the file decodes to."""
+    """Write `net` as a GGUF file; `types` maps a weight kind ("attn", "mlp", "gate_up", "down", "embed"; with
+    `split_experts`, "gate" and "up" may override "gate_up" for either half) to its GGML type, everything 1-D is F32.
+    Returns a float twin holding exactly the values the file decodes to."""
     cfg = net.config
     twin = copy.deepcopy(net)
     state = twin.state_dict()
@@ -167,8 +215,9 @@ def write_gguf(path, net, types: dict, arch="diffusion_gemma", split_experts=Fal
         if split_experts and ours.endswith("gate_up_proj"):
             layer = ours.split(".")[1]
             gate, up = tensor.chunk(2, dim=1)
-            state[ours].copy_(torch.cat([add(f"blk.{layer}.ffn_gate_exps.weight", gate.contiguous(), kind, ours),
-                                         add(f"blk.{layer}.ffn_up_exps.weight", up.contiguous(), kind, ours)], 1))
+            halves = [add(f"blk.{layer}.ffn_{half}_exps.weight", value.contiguous(), half if half in types else kind,
+                          ours) for half, value in (("gate", gate), ("up", up))]
+            state[ours].copy_(torch.cat(halves, 1))
             continue
         state[ours].copy_(add(_gguf_name(ours), tensor, kind, ours))
     w.write_header_to_file()
@@ -263,7 +312,7 @@ def test_k_quants_with_minimums_repack_into_groups_of_32(qtype, kind, top, d, dm
 
     size = gguf.GGML_QUANT_SIZES[qtype][1]
     raw = _random_blocks(qtype, (2, 3), 512, {0: d, 2: dmin})
-    q = _REPACKED[qtype.name][0](torch.from_numpy(raw).unflatten(-1, (2, size)))
+    q = _REPACKED[qtype.name](torch.from_numpy(raw).unflatten(-1, (2, size)))
     assert (q.kind, q.group_size, tuple(q.shape)) == (kind, 32, (2, 3, 512))
     assert q.scale.dtype == q.offset.dtype == torch.float16
     # Scales and offsets: the products d * sc and -dmin * m, rounded to float16.
@@ -290,7 +339,7 @@ def test_q5_0_and_q5_1_blocks_repack_into_int8_groups_of_32_exactly(qtype, halve
     from dgemma.quant.gguf import _REPACKED
 
     raw = _random_blocks(qtype, (2, 3), 128, halves, seed=4)
-    q = _REPACKED[qtype.name][0](torch.from_numpy(raw).unflatten(-1, (4, -1)))
+    q = _REPACKED[qtype.name](torch.from_numpy(raw).unflatten(-1, (4, -1)))
     assert (q.kind, q.group_size, tuple(q.shape), q.scale.dtype) == ("int8", 32, (2, 3, 128), torch.float16)
     assert (q.offset is None) == (qtype == Q.Q5_0)
     assert q.codes.min() >= (-16 if q.offset is None else 0) and q.codes.max() <= (15 if q.offset is None else 31)
@@ -307,6 +356,57 @@ def test_q6_k_blocks_repack_into_int8_groups_of_16_exactly(d):
     assert (q.kind, q.group_size, tuple(q.shape), q.scale.dtype) == ("int8", 16, (2, 3, 768), torch.float32)
     assert q.offset is None and q.codes.min() >= -32 and q.codes.max() <= 31
     np.testing.assert_array_equal(dequantize(q).numpy(), gguf.quants.dequantize(raw, Q.Q6_K))
+
+
+@pytest.mark.parametrize("d, dmin", [(2.0**-7, 2.0**-9), (0.01234, 0.00456), (3.1, 70.0)])
+@pytest.mark.parametrize("qtype", [Q.Q3_K, Q.Q2_K])
+def test_q2_k_and_q3_k_blocks_repack_into_int4_groups_of_16(qtype, d, dmin):
+    from dgemma.quant.formats import dequantize
+    from dgemma.quant.gguf import _REPACKED
+
+    size = gguf.GGML_QUANT_SIZES[qtype][1]
+    halves = {108: d} if qtype == Q.Q3_K else {80: d, 82: dmin}
+    raw = _random_blocks(qtype, (2, 3), 512, halves, seed=7)
+    q = _REPACKED[qtype.name](torch.from_numpy(raw).unflatten(-1, (2, size)))
+    assert (q.kind, q.group_size, tuple(q.shape)) == ("int4", 16, (2, 3, 512))
+    assert q.scale.dtype == q.offset.dtype == torch.float16
+    codes = dequantize(QTensor("int4", q.codes, torch.ones_like(q.scale), torch.zeros_like(q.offset)))
+    assert codes.max() <= (7 if qtype == Q.Q3_K else 3)
+    ref = gguf.quants.dequantize(raw, qtype)  # [2, 3, 512]
+    ours = dequantize(q).numpy()
+    # Each sub-block of 16 weights is affine in its codes: ref = a * code + b with a = d * (sc - 32), b = -4a (Q3_K)
+    # or a = d * (sc & 15), b = -dmin * (sc >> 4) (Q2_K); both rounded to float16 here.
+    blocks = raw.reshape(-1, size)
+    if qtype == Q.Q3_K:
+        six = np.concatenate([blocks[:, 96:104] & 15, blocks[:, 96:104] >> 4], -1) \
+            | (((blocks[:, 104:108][:, None, :] >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3).reshape(-1, 16) << 4)
+        a = np.float32(np.float16(d)) * (six.astype(np.float32) - 32)
+        b = -4 * a
+    else:
+        a = np.float32(np.float16(d)) * (blocks[:, :16] & 15).astype(np.float32)
+        b = -np.float32(np.float16(dmin)) * (blocks[:, :16] >> 4).astype(np.float32)
+    np.testing.assert_array_equal(q.scale.numpy().reshape(-1, 16), a.astype(np.float16))
+    np.testing.assert_array_equal(q.offset.numpy().reshape(-1, 16), b.astype(np.float16))
+    if d == 2.0**-7:  # power-of-two scales: the products are exact in float16, so are the values
+        np.testing.assert_array_equal(ours, ref)
+    # Elsewhere within the float16 rounding of a (times a code <= 7) and b: a misplaced bit or sub-block is off by
+    # at least one step a.
+    a, b = (np.repeat(np.abs(v), 16, -1).reshape(ref.shape) for v in (a, b))
+    bound = 2.0**-11 * (7 * a + b) * (1 + 1e-6) + 1e-6 * np.abs(ref)
+    assert np.all(np.abs(ours - ref) <= bound)
+
+
+def test_int4_experts_of_different_groups_fuse_into_the_smaller_groups():
+    from dgemma.quant.formats import dequantize
+    from dgemma.quant.gguf import _fuse, _q3_k, _q4_k
+
+    gate_raw = _random_blocks(Q.Q4_K, (2, 3), 256, {0: 2.0**-7, 2: 2.0**-9}, seed=8)
+    up_raw = _random_blocks(Q.Q3_K, (2, 3), 256, {108: 2.0**-6}, seed=9)
+    fused = _fuse(_q4_k(torch.from_numpy(gate_raw).unflatten(-1, (1, 144))),
+                  _q3_k(torch.from_numpy(up_raw).unflatten(-1, (1, 110))))
+    assert (fused.kind, fused.group_size, tuple(fused.shape)) == ("int4", 16, (2, 6, 256))
+    expected = np.concatenate([gguf.quants.dequantize(gate_raw, Q.Q4_K), gguf.quants.dequantize(up_raw, Q.Q3_K)], 1)
+    np.testing.assert_array_equal(dequantize(fused).numpy(), expected)
 
 
 def test_q5_k_and_q6_k_experts_fuse_into_int8_with_offsets():
@@ -354,6 +454,8 @@ def wide_net():
     ({"attn": Q.Q4_0, "mlp": Q.Q4_K, "gate_up": Q.Q6_K, "down": Q.Q4_K, "embed": Q.Q6_K}, False),
     ({"attn": Q.Q5_1, "mlp": Q.Q5_K, "gate_up": Q.Q5_K, "down": Q.Q6_K, "embed": Q.Q5_0}, True),
     ({"attn": Q.Q5_0, "mlp": Q.Q5_1, "gate_up": Q.Q5_0, "down": Q.Q5_K, "embed": Q.Q5_K}, False),
+    ({"attn": Q.Q4_0, "mlp": Q.Q2_K, "gate_up": Q.Q3_K, "down": Q.Q2_K, "embed": Q.Q3_K}, True),
+    ({"attn": Q.Q8_0, "mlp": Q.Q3_K, "gate_up": Q.Q2_K, "down": Q.Q3_K, "embed": Q.Q2_K}, False),
 ])
 def test_gguf_k_quants_load_repacked_and_match_the_decoded_weights(wide_net, tmp_path, types, split,
                                                                    float32_products):
@@ -362,6 +464,7 @@ def test_gguf_k_quants_load_repacked_and_match_the_decoded_weights(wide_net, tmp
     model = dgemma.load(path)
     assert model.config == wide_net.config
     formats = {Q.Q4_K: ("int4", 32, torch.float16), Q.Q6_K: ("int8", 16, torch.float32),
+               Q.Q3_K: ("int4", 16, torch.float16), Q.Q2_K: ("int4", 16, torch.float16),
                **{t: ("int8", 32, torch.float16) for t in (Q.Q5_0, Q.Q5_1, Q.Q5_K)}}
     net, layer = model.net, model.net.layers[1]
     for module, name, kind in [(layer.experts, "gate_up_proj", "gate_up"), (layer.experts, "down_proj", "down"),
@@ -374,23 +477,24 @@ def test_gguf_k_quants_load_repacked_and_match_the_decoded_weights(wide_net, tmp
     assert model.parameter_bytes() < Model(wide_net).parameter_bytes() / 2.5  # float32 twin
 
 
-@pytest.mark.parametrize("types", [
-    {"attn": Q.Q8_0, "mlp": Q.Q6_K, "gate_up": Q.Q4_K, "down": Q.Q6_K, "embed": Q.Q4_K},
-    {"attn": Q.Q5_0, "mlp": Q.Q5_1, "gate_up": Q.Q5_K, "down": Q.Q4_1, "embed": Q.Q4_0},
+@pytest.mark.parametrize("types, split", [
+    ({"attn": Q.Q8_0, "mlp": Q.Q6_K, "gate_up": Q.Q4_K, "down": Q.Q6_K, "embed": Q.Q4_K}, False),
+    ({"attn": Q.Q5_0, "mlp": Q.Q5_1, "gate_up": Q.Q5_K, "down": Q.Q4_1, "embed": Q.Q4_0}, False),
+    # gate and up of two kinds (decoded to float) and of two int4 groups (fused into groups of 16)
+    ({"attn": Q.Q8_0, "mlp": Q.Q3_K, "gate": Q.Q4_K, "up": Q.Q6_K, "down": Q.Q2_K, "embed": Q.Q4_K}, True),
+    ({"attn": Q.Q4_1, "mlp": Q.Q2_K, "gate": Q.Q4_K, "up": Q.Q3_K, "down": Q.Q3_K, "embed": Q.Q6_K}, True),
 ])
-def test_info_reports_a_gguf_files_resident_bytes_without_decoding(wide_net, tmp_path, capsys, types):
+def test_info_reports_a_gguf_files_resident_bytes_without_decoding(wide_net, tmp_path, capsys, types, split):
     from dgemma.cli import main
-    from dgemma.quant import GGUFFile, QTensor
 
     path = tmp_path / "model.gguf"
-    write_gguf(path, wide_net, types)
-    # What loading builds, tensor by tensor: repacked codes with their scales and offsets, float tensors in float32.
-    loaded = sum(v.nbytes if isinstance(v, QTensor) else v.numel() * 4 for _, v in GGUFFile(path).entries())
+    write_gguf(path, wide_net, types, split_experts=split)
     assert main(["info", "--model", str(path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["resident_bytes"] == loaded
-    assert info["quantization"].startswith("GGUF tensors") and f"{types['gate_up'].name} x" in info["quantization"]
-    assert info["bytes_per_parameter"] < 1.0 and info["tokenizer"] is False
+    assert info["resident_bytes"] == dgemma.load(path, dtype=torch.float32).parameter_bytes()  # what loading holds
+    gate_up = types.get("gate", types.get("gate_up"))
+    assert info["quantization"].startswith("GGUF tensors") and f"{gate_up.name} x" in info["quantization"]
+    assert info["tokenizer"] is False and (split or info["bytes_per_parameter"] < 1.0)
 
 
 def test_a_gguf_file_without_the_gguf_package_is_a_clear_cli_error(tmp_path, monkeypatch, capsys):

@@ -174,7 +174,8 @@ def _operands(x: torch.Tensor, w: QTensor | torch.Tensor, dims: int):
     k = w.shape[-1]
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {k}")
-    half = triton.next_power_of_2(group // 2) if kind == _INT4 else 1
+    # int4 bytes per half-group, padded to a power of two of at least 16 (tl.dot's smallest inner size; masked)
+    half = max(16, triton.next_power_of_2(group // 2)) if kind == _INT4 else 1
     flags = {"KIND": kind, "PER_ROW": group == k and offset is None, "OFFSET": offset is not None, "HALF": half,
              "FLOAT32_DOT": interpreting() and x.dtype == torch.bfloat16, "BLOCK_N": tile["BLOCK_N"],
              "BLOCK_K": tile["BLOCK_K"]}

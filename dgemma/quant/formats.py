@@ -7,7 +7,8 @@ A weight W [..., N, K] (N output channels, K inputs; a leading dimension is the 
     int4   uint8 [..., N, K // 2]         code * scale[n, k // G] + offset[...]    scale, offset float16; code 0..15
     fp8    float8_e4m3fn [..., N, K]      code * scale[n, k // G]                  scale float32 (imported checkpoints)
 
-G is the group size: G = K means one scale per output channel (int8's default); int4 uses groups of 32/64/128.
+G is the group size: G = K means one scale per output channel (int8's default); int4 uses groups of 32/64/128
+(16 for GGUF's Q2_K / Q3_K blocks).
 An int8 offset is optional: `quantize` never makes one; GGUF's Q5_1 and Q5_K blocks (5-bit codes with a minimum)
 repack into int8 groups of 32 with float16 scales and offsets.
 int4 packing: within each group of G inputs, byte j holds input j in its low nibble and input j + G/2 in its high

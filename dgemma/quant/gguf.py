@@ -32,8 +32,10 @@ Q8_0, Q4_0 and Q4_1 weights are repacked without arithmetic into dgemma's int8 /
 operations (exact). The K-quants of Q4_K_M / Q5_K_M / Q6_K files are repacked too, their codes by bit operations
 only: Q4_K -> int4 and Q5_K -> int8 (codes 0..31), both with group 32, scale d * sc and offset -dmin * m per
 32-weight sub-block, each product of a float16 by a 6-bit integer rounded to float16 (so within float16 rounding of
-llama.cpp's values, not bit-exact); Q6_K -> int8 codes q - 32 with group 16 and float32 scales d * sc (exact). F32,
-F16 and BF16 load as float; every other type the package can decode (Q2_K, Q3_K, IQ types, ...) is dequantized to
+llama.cpp's values, not bit-exact); Q6_K -> int8 codes q - 32 with group 16 and float32 scales d * sc (exact); Q3_K
+and Q2_K (3- and 2-bit codes in sub-blocks of 16) -> int4 with group 16, float16 scales and offsets (0.75 bytes per
+weight; within float16 rounding, as Q4_K). Gate and up experts of one kind but different groups fuse into the smaller
+group. F32, F16 and BF16 load as float; every other type the package can decode (IQ types, ...) is dequantized to
 float.
 The GGUF vocabulary is not read: a model loaded from GGUF takes token ids.
 Must not: write GGUF files or guess a mapping for other architectures.
@@ -41,6 +43,7 @@ Must not: write GGUF files or guess a mapping for other architectures.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -51,7 +54,8 @@ import torch
 
 from ..config import GenerationSettings, ModelConfig
 from .convert import Entry
-from .formats import QTensor, dequantize
+from .formats import QTensor, dequantize, pack_int4, unpack_int4
+from .modules import role
 
 ARCH = "diffusion_gemma"
 _LAYER = {
@@ -186,32 +190,39 @@ class GGUFFile:
 
     def describe(self, dtype: torch.dtype) -> dict:
         """{"quantization": the tensor types and their counts, "resident_bytes": n}: the bytes the loaded weights take,
-        from the tensor types alone (nothing is decoded), float tensors counted at `dtype`."""
-        loaded = {name: per_weight for name, (_, per_weight) in _REPACKED.items()} | {"BF16": 2.0}
+        from `entries` on the meta device (repacked, fused or decoded as loading does, but nothing read), float
+        tensors and quantized ones that load as float (a router) counted at `dtype`."""
         counts: dict[str, int] = {}
-        resident = 0.0
         for t in self.reader.tensors:
-            if t.name == "output.weight":  # not loaded: the head is tied to token_embd
-                continue
-            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-            resident += int(t.n_elements) * loaded.get(t.tensor_type.name, dtype.itemsize)
+            if t.name != "output.weight":  # not loaded: the head is tied to token_embd
+                counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+        resident = sum(v.nbytes if isinstance(v, QTensor) and role(name) is not None  # else decoded to float
+                       else math.prod(v.shape) * dtype.itemsize for name, v in self.entries(meta=True)
+                       if "_layer_scalars." not in name)
+        resident += 2 * self.config.num_hidden_layers * dtype.itemsize  # the layer scalars of both passes (`build`)
         types = ", ".join(f"{n} x{c}" for n, c in sorted(counts.items(), key=lambda kv: -kv[1]))
-        return {"quantization": f"GGUF tensors {types}", "resident_bytes": int(resident)}
+        return {"quantization": f"GGUF tensors {types}", "resident_bytes": resident}
 
-    def _value(self, name: str) -> QTensor | torch.Tensor:
-        """One tensor in PyTorch order: repacked into a QTensor when its blocks map exactly, else float."""
+    def _value(self, name: str, meta: bool = False) -> QTensor | torch.Tensor:
+        """One tensor in PyTorch order: repacked into a QTensor when its blocks map exactly, else float. With `meta`,
+        the same tensors on the meta device: shapes and dtypes only, nothing read or decoded."""
         gguf = _gguf()
         q = gguf.GGMLQuantizationType
         t = self.tensors[name]
         data = t.data
+        if meta and t.tensor_type.name not in _REPACKED:
+            dtype = {q.F16: torch.float16, q.BF16: torch.bfloat16}.get(t.tensor_type, torch.float32)
+            return torch.empty(tuple(int(n) for n in reversed(t.shape)), dtype=dtype, device="meta")  # ggml order
         if t.tensor_type in (q.F32, q.F16):
             return torch.from_numpy(np.array(data))
         if t.tensor_type == q.BF16:
             return torch.from_numpy(np.array(data).view(np.int16)).view(torch.bfloat16)
         if t.tensor_type.name in _REPACKED:
             _, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
-            blocks = torch.from_numpy(np.array(data).reshape(*data.shape[:-1], -1, size))  # [..., N, K/block, size]
-            return _REPACKED[t.tensor_type.name][0](blocks)
+            shape = (*data.shape[:-1], data.shape[-1] // size, size)  # [..., N, K/block, block bytes]
+            blocks = torch.empty(shape, dtype=torch.uint8, device="meta") if meta else \
+                torch.from_numpy(np.array(data).reshape(shape))
+            return _REPACKED[t.tensor_type.name](blocks)
         return torch.from_numpy(gguf.quants.dequantize(np.array(data), t.tensor_type).astype(np.float32))
 
     def _target(self, name: str) -> str | None:
@@ -227,8 +238,9 @@ class GGUFFile:
             return f"encoder_layer_scalars.{layer}"
         return f"layers.{layer}.{_LAYER[rest]}" if rest in _LAYER else None
 
-    def entries(self) -> Iterator[Entry]:
-        """(parameter name, QTensor or float tensor) for every tensor, gate and up experts fused into gate_up."""
+    def entries(self, meta: bool = False) -> Iterator[Entry]:
+        """(parameter name, QTensor or float tensor) for every tensor, gate and up experts fused into gate_up; with
+        `meta`, on the meta device (`_value`)."""
         for name in self.tensors:
             match = _BLOCK.fullmatch(name)
             if match and match.group(2) in ("ffn_gate_exps.weight", "ffn_up_exps.weight"):
@@ -237,14 +249,14 @@ class GGUFFile:
                 up_name = f"blk.{match.group(1)}.ffn_up_exps.weight"
                 if up_name not in self.tensors:
                     raise ValueError(f"{self.path}: {name} has no matching {up_name}")
-                yield f"layers.{match.group(1)}.experts.gate_up_proj", _fuse(self._value(name), self._value(up_name))
+                yield f"layers.{match.group(1)}.experts.gate_up_proj", _fuse(self._value(name, meta), self._value(up_name, meta))
                 continue
             if name == "output.weight":  # an untied head copy; the model ties its head to token_embd
                 continue
             target = self._target(name)
             if target is None:
                 raise ValueError(f"{self.path}: unexpected GGUF tensor {name!r} for architecture {ARCH!r}")
-            yield target, self._value(name)
+            yield target, self._value(name, meta)
 
 
 def _q8_0(blocks: torch.Tensor) -> QTensor:
@@ -268,7 +280,12 @@ def _q4_1(blocks: torch.Tensor) -> QTensor:
 
 def _bits(qh: torch.Tensor) -> torch.Tensor:
     """uint8 [..., n] -> its 8n bits, least significant first: uint8 [..., n, 8] of 0 and 1."""
-    return (qh[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1
+    return (qh[..., None] >> torch.arange(8, dtype=torch.uint8, device=qh.device)) & 1
+
+
+def _crumbs(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 1, n] -> its 2-bit fields, least significant first: uint8 [..., 4, n] (row i: bits 2i and 2i + 1)."""
+    return (x >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=x.device).view(4, 1)) & 3
 
 
 def _five_bit_codes(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
@@ -344,41 +361,86 @@ def _q6_k(blocks: torch.Tensor) -> QTensor:
     ql = blocks[..., :128].unflatten(-1, (2, 1, 64))  # [..., N, B, half, 1, 64]
     qh = blocks[..., 128:192].unflatten(-1, (2, 1, 32))  # [..., N, B, half, 1, 32]
     low = torch.cat([ql & 15, ql >> 4], -2).flatten(-2)  # [..., N, B, half, 128]
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)  # [4, 1]
-    high = ((qh >> shifts) & 3).flatten(-2)  # [..., N, B, half, 128]
+    high = _crumbs(qh).flatten(-2)  # [..., N, B, half, 128]
     codes = (low | (high << 4)).to(torch.int8) - 32  # [..., N, B, half, 128], -32..31
     sc = blocks[..., 192:208].contiguous().view(torch.int8).float()  # [..., N, B, 16]
     d = blocks[..., 208:210].contiguous().view(torch.float16).float()  # [..., N, B, 1]
     return QTensor("int8", codes.reshape(*lead, -1), (d * sc).flatten(-2))
 
 
-# GGML types repacked into QTensors: (blocks [..., N, K/block, block bytes] -> QTensor, bytes per weight once loaded:
-# codes with their scales and offsets).
-_REPACKED = {"Q8_0": (_q8_0, 1 + 2 / 32), "Q4_0": (_q4_0, 0.5 + 4 / 32), "Q4_1": (_q4_1, 0.5 + 4 / 32),
-             "Q5_0": (_q5_0, 1 + 2 / 32), "Q5_1": (_q5_1, 1 + 4 / 32), "Q4_K": (_q4_k, 0.5 + 4 / 32),
-             "Q5_K": (_q5_k, 1 + 4 / 32), "Q6_K": (_q6_k, 1 + 4 / 16)}
+def _two_bit_codes(qs: torch.Tensor) -> torch.Tensor:
+    """Q2_K / Q3_K qs uint8 [..., 64] -> their 2-bit fields in weight order [..., 8, 32]: weight 32j + l (j 0..7,
+    l 0..31) lies in byte 32 * (j // 4) + l at bit 2 * (j % 4)."""
+    return _crumbs(qs.unflatten(-1, (2, 1, 32))).flatten(-3, -2)  # [..., half, 4, 32] -> [..., 8, 32]
+
+
+def _int4_groups_of_16(codes: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 uint8 [..., N, K/256, 8, 32] in weight order -> int4 bytes [..., N, K/2] for groups of 16 (byte j
+    of a group: input j in its low nibble, input j + 8 in its high one)."""
+    groups = codes.reshape(*codes.shape[:-3], -1, 16)  # [..., N, K/16, 16]
+    return (groups[..., :8] | (groups[..., 8:] << 4)).flatten(-2)
+
+
+def _q3_k(blocks: torch.Tensor) -> QTensor:
+    """Q3_K super-blocks uint8 [..., N, K/256, 110] -> int4 QTensor [..., N, K] with group 16, codes 0..7, float16
+    scales d * (sc - 32) and offsets -4 * scale. A block is hmask[32], qs[64], scales[12], d f16; weight value
+    d * (sc[i] - 32) * (q - 4) for sub-block i of 16, q = 4 * high bit + low 2 bits. Weight 32j + l has its low bits
+    as `_two_bit_codes` says and its high bit in hmask byte l at bit j. Sub-block i's 6-bit sc has its low 4 bits in
+    byte i % 8 (low nibble for i < 8, high above) and its top 2 in byte 8 + i % 4 at bit 2 * (i // 4). Codes move by
+    bit operations; d * (sc - 32) is rounded to float16 (so within float16 rounding of llama.cpp's values), and the
+    offset, four times that, is exact."""
+    bit = torch.arange(8, dtype=torch.uint8, device=blocks.device)[:, None]  # [8, 1]
+    high = (blocks[..., None, :32] >> bit) & 1  # [..., N, B, 8 (j), 32 (l)]
+    codes = _two_bit_codes(blocks[..., 32:96]) | (high << 2)  # [..., N, B, 8, 32]
+    packed = blocks[..., 96:108]  # [..., N, B, 12]
+    low = torch.cat([packed[..., :8] & 15, packed[..., :8] >> 4], -1)  # [..., N, B, 16]
+    top = _crumbs(packed[..., None, 8:12]).flatten(-2)  # [..., N, B, 16]: sub-block i at 4 * (i // 4) + i % 4
+    sc = (low | (top << 4)).float() - 32  # [..., N, B, 16]
+    d = blocks[..., 108:110].contiguous().view(torch.float16).float()  # [..., N, B, 1]
+    scale = (d * sc).half().flatten(-2)  # [..., N, K/16]
+    return QTensor("int4", _int4_groups_of_16(codes), scale, (scale.float() * -4).half())
+
+
+def _q2_k(blocks: torch.Tensor) -> QTensor:
+    """Q2_K super-blocks uint8 [..., N, K/256, 84] -> int4 QTensor [..., N, K] with group 16, codes 0..3, float16
+    scales d * (sc[i] & 15) and offsets -dmin * (sc[i] >> 4) (each rounded to float16, so within float16 rounding of
+    llama.cpp's values). A block is scales[16], qs[64] (`_two_bit_codes`), d f16, dmin f16; weight value
+    d * (sc[i] & 15) * q - dmin * (sc[i] >> 4) for sub-block i of 16."""
+    sc = blocks[..., :16]  # [..., N, B, 16]
+    d, dmin = blocks[..., 80:84].contiguous().view(torch.float16).float().unsqueeze(-1).unbind(-2)  # [..., N, B, 1]
+    scale = (d * (sc & 15).float()).half().flatten(-2)  # [..., N, K/16]
+    offset = (-(dmin * (sc >> 4).float())).half().flatten(-2)
+    return QTensor("int4", _int4_groups_of_16(_two_bit_codes(blocks[..., 16:80])), scale, offset)
+
+
+# GGML types repacked into QTensors: blocks uint8 [..., N, K/block, block bytes] -> QTensor.
+_REPACKED = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q4_K": _q4_k, "Q5_K": _q5_k,
+             "Q6_K": _q6_k, "Q3_K": _q3_k, "Q2_K": _q2_k}
 
 
 def _regroup(q: QTensor, group: int) -> QTensor:
-    """An int8 weight with its scales (and offsets) repeated to groups of `group` inputs, a divisor of its own."""
+    """The same weight in groups of `group` inputs, a divisor of its own: scales (and offsets) repeated, int4 codes
+    moved into the smaller groups' nibble layout."""
     def repeat(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.repeat_interleave(q.group_size // group, -1)
-    return QTensor("int8", q.codes, repeat(q.scale), repeat(q.offset))
+    codes = q.codes if q.kind == "int8" else pack_int4(unpack_int4(q.codes, q.group_size), group)
+    return QTensor(q.kind, codes, repeat(q.scale), repeat(q.offset))
 
 
 def _fuse(gate: QTensor | torch.Tensor, up: QTensor | torch.Tensor) -> QTensor | torch.Tensor:
-    """Stack gate [E, I, H] and up [E, I, H] rows into gate_up [E, 2I, H], keeping a shared quantized format. int8
-    halves with different groups (Q5_K's 32, Q6_K's 16) share the smaller one, the coarser scales (and offsets)
-    repeated, and a half without offsets gets zero ones next to a half with them (exact); other mixes are dequantized
-    to float."""
-    if isinstance(gate, QTensor) and isinstance(up, QTensor) and gate.kind == up.kind == "int8":
+    """Stack gate [E, I, H] and up [E, I, H] rows into gate_up [E, 2I, H], keeping a shared quantized format. Halves
+    of one kind with different groups (int8: Q5_K's 32, Q6_K's 16; int4: Q4_K's 32, Q2_K / Q3_K's 16) share the
+    smaller one, the coarser scales (and offsets) repeated, and an int8 half without offsets gets zero ones next to a
+    half with them (exact); other mixes are dequantized to float."""
+    if isinstance(gate, QTensor) and isinstance(up, QTensor) and gate.kind == up.kind and gate.kind in ("int8", "int4"):
         group = min(gate.group_size, up.group_size)
-        if gate.group_size % group == 0 and up.group_size % group == 0:
+        if gate.group_size != up.group_size and gate.group_size % group == 0 and up.group_size % group == 0:
             gate, up = (_regroup(x, group) for x in (gate, up))
         if (gate.offset is None) != (up.offset is None):
             like = gate.offset if gate.offset is not None else up.offset  # the other half's offsets (float16)
             gate, up = (x if x.offset is not None else
-                        QTensor("int8", x.codes, x.scale, torch.zeros(x.scale.shape, dtype=like.dtype))
+                        QTensor("int8", x.codes, x.scale, torch.zeros(x.scale.shape, dtype=like.dtype,
+                                                                      device=like.device))
                         for x in (gate, up))
     if isinstance(gate, QTensor) and isinstance(up, QTensor) and gate.kind == up.kind and \
             gate.group_size == up.group_size:
