@@ -128,6 +128,9 @@ def cmd_run(args) -> int:
         tok = model.tokenizer
         text = tok.decode(result.token_ids[0]) if tok is not None else None
     else:
+        if model.tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer (dgemma does not read a .gguf file's vocabulary): pass "
+                             "the prompt as token ids with --ids")
         if args.chat:
             out = model.chat([{"role": "user", "content": args.prompt}], thinking=args.thinking, **kw)
         else:

@@ -72,6 +72,16 @@ def test_errors_are_one_line_with_exit_code_2(tiny_dir, capsys, argv, match):
     assert match in err and len(err.splitlines()) == 1
 
 
+def test_text_prompt_without_a_tokenizer_points_to_ids(tiny_dir, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_dir, bare)
+    (bare / "tokenizer.json").unlink()
+    assert main(["run", "hello", "--model", str(bare)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no tokenizer" in err and "--ids" in err and len(err.splitlines()) == 1
+    assert main(["run", "5 6", "--ids", "--model", str(bare), "--max-new-tokens", "3", "--steps", "2"]) == 0
+
+
 def test_console_script_is_installed(tiny_dir):
     exe = shutil.which("dgemma")
     assert exe, "the dgemma console script is not on PATH"
