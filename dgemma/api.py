@@ -17,6 +17,7 @@ import torch
 
 from . import checkpoint, quant
 from .config import GenerationSettings, ModelConfig
+from .engine.ar import ar_score
 from .engine.cache import KVCache
 from .engine.generate import GenerationResult, StepEvent, generate, pad_prompts, prompt_rows
 from .engine.prefix import PrefixCache
@@ -140,12 +141,19 @@ class Model:
             sc = sc.to(self.dtype)
         return self.net.decode(canvas, cache, sc)
 
-    def infill(self, prefix_ids: list[int], suffix_ids: list[int], fill_length: int, **kw) -> GenerationResult:
+    def infill(self, prefix_ids: list[int], suffix_ids: list[int], fill_length: int, *, best_of: int = 1,
+               **kw) -> GenerationResult:
         """Fill `fill_length` tokens between a prefix (read by the encoder) and a suffix (pinned in the canvas right
-        after the hole; cut to what fits in one canvas). Returns the filled ids (EOS and pad dropped)."""
+        after the hole; cut to what fits in one canvas). Returns the filled ids (EOS and pad dropped).
+        `best_of` > 1 fills the hole that many times in one batch (the rows start from different noise) and returns
+        the fill that, followed by the pinned suffix, the model's own causal pass scores most likely after the prefix
+        (`ar_score`): the fill that best leads into the text after it. Its `steps` then count the decoder passes of
+        every candidate row plus one scoring pass each, and `tokens_per_forward` is over that count."""
         c = self.config.canvas_length
         if not isinstance(fill_length, int) or not 0 < fill_length <= c:
             raise ValueError(f"fill_length must be an integer in [1, {c}], got {fill_length!r}")
+        if isinstance(best_of, bool) or not isinstance(best_of, int) or best_of <= 0:
+            raise ValueError(f"best_of must be a positive integer, got {best_of!r}")
         suffix = list(suffix_ids)[: c - fill_length]
         start = torch.full((c,), -1, dtype=torch.long)  # the hole and anything after the suffix start as noise
         start[fill_length:fill_length + len(suffix)] = torch.tensor(suffix, dtype=torch.long)
@@ -154,7 +162,15 @@ class Model:
         if kw.pop("max_new_tokens", None) is not None:
             raise ValueError("infill takes fill_length, not max_new_tokens")
         kw["max_new_tokens"] = fill_length  # one canvas; only the hole's ids are returned
-        return self.generate([list(prefix_ids)], canvas=start, pinned=hold, **kw)
+        if best_of == 1:
+            return self.generate([list(prefix_ids)], canvas=start, pinned=hold, **kw)
+        rows = self.generate([list(prefix_ids)] * best_of, canvas=start.expand(best_of, c),
+                             pinned=hold.expand(best_of, c), **kw)
+        scores = ar_score(self.net, list(prefix_ids), [fill + suffix for fill in rows.token_ids])  # [best_of]
+        best = int(scores.argmax())
+        passes = sum(sum(steps) for steps in rows.steps) + best_of
+        return GenerationResult([rows.token_ids[best]], [len(rows.token_ids[best]) / passes], [[passes]],
+                                [rows.finish_reasons[best]])
 
     # ---- text helpers ------------------------------------------------------------------------------------------
     def _need_tokenizer(self) -> Tokenizer:

@@ -1,11 +1,12 @@
-"""Autoregressive decoding with the causal encoder: cached == recomputed, batching, length cap, stop ids, seeds."""
+"""Autoregressive decoding with the causal encoder: cached == recomputed, batching, length cap, stop ids, seeds;
+scoring continuations."""
 
 import pytest
 import torch
 
 import dgemma
 from dgemma.cli import main
-from dgemma.engine.ar import ar_generate
+from dgemma.engine.ar import ar_generate, ar_score
 from dgemma.engine.cache import KVCache
 
 
@@ -127,3 +128,27 @@ def test_failed_token_step_capture_decodes_eagerly(net, monkeypatch):
     monkeypatch.setattr(ar.TokenStep, "capture", staticmethod(broken))
     with pytest.warns(RuntimeWarning, match="token step failed"):
         assert ar_generate(net, [2, 7, 8], 12).token_ids == expected
+
+
+def test_ar_score_sums_the_log_probabilities_of_each_continuation(net):
+    """Against re-encoding each prefix alone, token by token; rows of different lengths (one empty) in one batch,
+    crossing the tiny preset's 64-token sliding window."""
+    gen = torch.Generator().manual_seed(5)
+    prompt = torch.randint(3, 500, (60,), generator=gen).tolist()
+    conts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (9, 3, 0, 12)]
+    expected = []
+    for cont in conts:
+        total, seq = 0.0, list(prompt)
+        for token in cont:
+            with torch.no_grad():
+                logits = net.head(net.encode(torch.tensor([seq]), KVCache(net.config, 1, net.device)))[0, -1]
+            total += float(torch.log_softmax(logits, -1)[token])
+            seq.append(token)
+        expected.append(total)
+    scores = ar_score(net, prompt, conts)
+    assert scores.shape == (4,) and scores[2] == 0
+    torch.testing.assert_close(scores, torch.tensor(expected), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="at least one continuation"):
+        ar_score(net, prompt, [])
+    with pytest.raises(ValueError, match="out of range|vocab"):
+        ar_score(net, prompt, [[net.config.vocab_size]])

@@ -144,18 +144,20 @@ def test_evaluate_on_a_tiny_checkpoint_with_a_train_only_baseline(tiny_dir, monk
             _calls.append(kw["seed"])
             return _call(*args, **kw)
         monkeypatch.setattr(model, name, record)
-    report = ec.evaluate(model, limit=3, seed=4, steps=3, max_new_tokens=32)
-    # each sample its own sampler seed (infill goes through generate too)
-    assert seeds == {"infill": [4, 5, 6], "generate": [4, 5, 6, 4, 5, 6]}
+    report = ec.evaluate(model, limit=3, seed=4, steps=3, max_new_tokens=32, best_of=2)
+    # each sample its own sampler seed, plain and best-of-2 (infill goes through generate too)
+    assert seeds == {"infill": [4, 4, 5, 5, 6, 6], "generate": [4, 4, 5, 5, 6, 6, 4, 5, 6]}
     assert sorted(splits) == ["heldout", "train"]
     assert baseline_inputs == [real_files("train")]
     table = ec.train_baseline()
 
     held_names = {p.relative_to(stdlib_root()).as_posix() for p in real_files("heldout")}
     infill, completion = report["infill"], report["completion"]
-    assert set(infill) == {"diffusion", "ar", "baseline", "samples"} and set(completion) == {"diffusion", "ar",
-                                                                                              "samples"}
-    for mode in ("diffusion", "ar", "baseline"):
+    assert set(infill) == {"diffusion", "best_of", "ar", "baseline", "samples"}
+    assert set(completion) == {"diffusion", "ar", "samples"}
+    # best-of-2 counts both candidate rows' passes and their scoring passes: fewer tokens per forward
+    assert infill["best_of"]["tokens_per_forward"] < infill["diffusion"]["tokens_per_forward"]
+    for mode in ("diffusion", "best_of", "ar", "baseline"):
         m = infill[mode]
         assert m["n"] == 3
         for key in ("parse_rate", "exact_match", "edit_similarity"):
@@ -169,10 +171,12 @@ def test_evaluate_on_a_tiny_checkpoint_with_a_train_only_baseline(tiny_dir, monk
     for row in infill["samples"]:
         assert row["path"] in held_names
         sample = ec.infill_sample(stdlib_root() / row["path"], row["lineno"])
-        assert row["baseline"] == ec.baseline_line(sample, table) and "\n" not in row["diffusion"] + row["ar"]
+        assert row["baseline"] == ec.baseline_line(sample, table)
+        assert "\n" not in row["diffusion"] + row["best_of"] + row["ar"]
     assert all(row["path"] in held_names for row in completion["samples"])
     text = ec.format_table(report)
-    assert "baseline" in text and "completion" in text and "tok/fwd" in text
+    assert "baseline" in text and "best-of-2" in text and "completion" in text and "tok/fwd" in text
+    assert "best_of" not in ec.evaluate(model, limit=1, seed=4, steps=2, max_new_tokens=8, best_of=1)["infill"]
 
 
 def test_rates_carry_their_standard_error():

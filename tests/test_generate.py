@@ -118,6 +118,27 @@ def test_infill_keeps_suffix_and_returns_only_the_hole(tiny):
         model.infill([5], [6], fill_length=0)
 
 
+def test_infill_best_of_keeps_the_fill_the_model_scores_highest(tiny):
+    from dgemma.engine.ar import ar_score
+
+    model = dgemma.load(tiny[0])
+    prefix, suffix, kw = [5, 6, 7], [20, 21, 22], dict(max_denoising_steps=3, seed=1)
+    r = model.infill(prefix, suffix, fill_length=4, best_of=3, **kw)
+    # The same three candidates, drawn as one batch with the same seed, and their scores with the pinned suffix
+    c = model.config.canvas_length
+    canvas = torch.full((3, c), -1)
+    canvas[:, 4:7] = torch.tensor(suffix)
+    rows = model.generate([prefix] * 3, canvas=canvas, pinned=canvas >= 0, max_new_tokens=4, **kw)
+    assert len({tuple(ids) for ids in rows.token_ids}) > 1  # the rows start from different noise
+    scores = ar_score(model.net, prefix, [ids + suffix for ids in rows.token_ids])
+    assert r.token_ids == [rows.token_ids[int(scores.argmax())]]
+    assert r.steps == [[sum(map(sum, rows.steps)) + 3]]  # every candidate's passes and the scoring passes
+    assert model.infill(prefix, suffix, fill_length=4, best_of=1, **kw).token_ids == \
+        model.infill(prefix, suffix, fill_length=4, **kw).token_ids
+    with pytest.raises(ValueError, match="best_of must be a positive integer"):
+        model.infill(prefix, suffix, fill_length=4, best_of=0)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(prompt_ids=[]), "empty prompt"),
     (dict(prompt_ids=[[1, 2], []]), "empty prompt"),

@@ -2,10 +2,11 @@
 
 Owns: token-by-token decoding through `DiffusionGemma.encode` into a `StaticKVCache` sized for the prompt and the
 new tokens (the prompt is prefilled in one call, then one token per call), greedy or temperature sampling, per-row
-stopping at the config's EOS ids (or caller-given stop ids), the max_new_tokens cap, and the forward count. On a CUDA
-device the one-token pass is captured once as a CUDA graph and replayed for every token (`graphs.use_graphs`): the
-honest baseline for diffusion's speed, since an eager token step is bound by kernel launches, not by the weights it
-reads. A capture that fails leaves a warning and eager passes.
+stopping at the config's EOS ids (or caller-given stop ids), the max_new_tokens cap, and the forward count; and
+scoring given continuations of a prompt by their log-probability (`ar_score`). On a CUDA device the one-token pass
+is captured once as a CUDA graph and replayed for every token (`graphs.use_graphs`): the honest baseline for
+diffusion's speed, since an eager token step is bound by kernel launches, not by the weights it reads. A capture
+that fails leaves a warning and eager passes.
 A batch of prompts is left padded (`pad_prompts`) and the padding is masked out through `valid`; a row that has
 stopped keeps being fed (as padding) until every row is done, so rows never change each other's tokens.
 Must not: touch the decoder, the canvas sampler, tokenizers or files.
@@ -118,3 +119,31 @@ def ar_generate(net: DiffusionGemma, prompt_ids, max_new_tokens: int, *, tempera
         logits = step(torch.where(running, token, torch.full_like(token, cfg.pad_token_id)), running)
         forwards += 1
     return ArResult(out, forwards)
+
+
+@torch.no_grad()
+def ar_score(net: DiffusionGemma, prompt_ids: list[int], continuations: list[list[int]]) -> torch.Tensor:
+    """The log-probability the causal encoder and the tied head give each continuation after one prompt: the sum of
+    log p(token | everything before it) over the continuation's tokens -> float32 [N] (0 for an empty one). One
+    encoder pass over the prompt and every continuation, right-padded: padding comes after a row's tokens, so a
+    causal pass never reads it."""
+    cfg = net.config
+    prompt = prompt_rows([list(prompt_ids)], cfg.vocab_size)[0]
+    if not continuations:
+        raise ValueError("ar_score needs at least one continuation")
+    rows = [list(c) for c in continuations]
+    if not any(rows):  # nothing to score: log 1 each
+        return torch.zeros(len(rows), device=net.device)
+    prompt_rows([r for r in rows if r], cfg.vocab_size)  # checks the ids; an empty continuation scores 0
+    longest = max(len(r) for r in rows)
+    if len(prompt) + longest > cfg.max_position_embeddings:
+        raise ValueError(f"prompt of {len(prompt)} tokens plus a continuation of {longest} exceeds the context of "
+                         f"{cfg.max_position_embeddings} positions")
+    device = net.device
+    ids = torch.tensor([prompt + r + [cfg.pad_token_id] * (longest - len(r)) for r in rows], device=device)  # [N, T]
+    real = torch.tensor([[True] * len(r) + [False] * (longest - len(r)) for r in rows], device=device)  # [N, L]
+    cache = StaticKVCache(cfg, len(rows), ids.shape[1], net.dtype, device)
+    hidden = net.encode(ids, cache)[:, len(prompt) - 1:-1]  # [N, L, H]: each position predicts the next token
+    logp = torch.log_softmax(net.head(hidden), dim=-1)  # [N, L, V] float32
+    picked = logp.gather(-1, ids[:, len(prompt):, None])[..., 0]  # [N, L]
+    return (picked * real).sum(-1)

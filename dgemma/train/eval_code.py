@@ -10,6 +10,9 @@ Tasks
   + true line: this is length-conditioned infill, the length is given to the model. The first line of the filled
   text replaces the removed line. Metrics: the rate at which the spliced file parses (`ast.parse`), exact match of
   the stripped lines, and the mean edit similarity (difflib's SequenceMatcher ratio of the stripped lines).
+  Best-of-N mode (`best_of` > 1) is diffusion with `Model.infill(best_of=N)`: N fills drawn in one batch, the one
+  the model's own causal pass scores most likely with the suffix after it is kept (no parser or reference is
+  consulted); its speed figures count every candidate row's passes and the scoring passes.
   AR mode gets the prefix only and greedily writes as many tokens as the hole has; its first line is taken.
   Baseline: the most common eligible line (stripped) at the removed line's indentation over the TRAIN split,
   re-indented like the removed line.
@@ -381,17 +384,18 @@ def _ar(model: Model, prompt: list[int], n: int):
 
 
 def evaluate(model: Model, *, limit: int = 50, seed: int = 0, steps: int | None = None,
-             max_prefix_tokens: int = 1024, max_new_tokens: int = 128, progress: bool = False,
+             max_prefix_tokens: int = 1024, max_new_tokens: int = 128, best_of: int = 4, progress: bool = False,
              files: Sequence[Path] | None = None, baseline: dict[int, str] | None = None) -> dict:
     """Run both tasks on up to `limit` samples each from `files` (default: the held-out split) in both modes and
-    return the report: {"config": ..., "infill": {"diffusion"|"ar"|"baseline": metrics, "samples": [...]},
-    "completion": {"diffusion"|"ar": metrics, "samples": [...]}, "wall_seconds": float}. `steps` caps the
-    denoising steps (default: the checkpoint's); `baseline` defaults to `train_baseline()`."""
+    return the report: {"config": ..., "infill": {"diffusion"|"best_of"|"ar"|"baseline": metrics, "samples": [...]},
+    "completion": {"diffusion"|"ar": metrics, "samples": [...]}, "wall_seconds": float}; "best_of" (infill by the
+    best of `best_of` fills) only when `best_of` > 1. `steps` caps the denoising steps (default: the checkpoint's);
+    `baseline` defaults to `train_baseline()`."""
     tok = model.tokenizer
     if tok is None:
         raise ValueError("eval-code needs a checkpoint with a tokenizer (tokenizer.json)")
     for name, value in (("limit", limit), ("max_prefix_tokens", max_prefix_tokens),
-                        ("max_new_tokens", max_new_tokens)):
+                        ("max_new_tokens", max_new_tokens), ("best_of", best_of)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     start = time.perf_counter()
@@ -399,8 +403,9 @@ def evaluate(model: Model, *, limit: int = 50, seed: int = 0, steps: int | None 
     table = train_baseline() if baseline is None else baseline
     holes = infill_samples(files, tok, limit=limit, seed=seed, max_fill=model.config.canvas_length)
     funcs = completion_samples(files, tok, limit=limit, seed=seed, max_body_tokens=max_new_tokens)
-    bar = _Progress(2 * (len(holes) + len(funcs)), progress)
-    tallies = {(task, mode): _Tally() for task in ("infill", "completion") for mode in (*MODES, "baseline")}
+    infill_modes = ("diffusion", "best_of", "ar") if best_of > 1 else MODES
+    bar = _Progress(len(infill_modes) * len(holes) + 2 * len(funcs), progress)
+    tallies = {(task, mode): _Tally() for task in ("infill", "completion") for mode in (*infill_modes, "baseline")}
 
     infill_rows = []
     for i, sample in enumerate(holes):
@@ -414,6 +419,12 @@ def evaluate(model: Model, *, limit: int = 50, seed: int = 0, steps: int | None 
         bar.step()
         row["diffusion"] = splice_line(sample, _after_newline(tok.decode(ids)))[0]
         tallies["infill", "diffusion"].add(score_line(sample, row["diffusion"]), **stats)
+        if best_of > 1:
+            ids, stats = _diffusion(model.infill, prompt, tok.encode(sample.suffix), hole, best_of=best_of,
+                                    max_denoising_steps=steps, seed=seed + i)
+            bar.step()
+            row["best_of"] = splice_line(sample, _after_newline(tok.decode(ids)))[0]
+            tallies["infill", "best_of"].add(score_line(sample, row["best_of"]), **stats)
         ids, stats = _ar(model, prompt, hole)
         bar.step()
         row["ar"] = splice_line(sample, _after_newline(tok.decode(ids)))[0]
@@ -440,9 +451,10 @@ def evaluate(model: Model, *, limit: int = 50, seed: int = 0, steps: int | None 
 
     return {
         "config": {"seed": seed, "limit": limit, "steps": steps or model.settings.max_denoising_steps,
-                   "max_prefix_tokens": max_prefix_tokens, "max_new_tokens": max_new_tokens,
+                   "max_prefix_tokens": max_prefix_tokens, "max_new_tokens": max_new_tokens, "best_of": best_of,
                    "canvas_length": model.config.canvas_length, "files": len(files)},
-        "infill": {**{m: tallies["infill", m].summary(len(holes), m != "baseline") for m in (*MODES, "baseline")},
+        "infill": {**{m: tallies["infill", m].summary(len(holes), m != "baseline")
+                      for m in (*infill_modes, "baseline")},
                    "samples": infill_rows},
         "completion": {**{m: tallies["completion", m].summary(len(funcs), True) for m in MODES},
                        "samples": completion_rows},
@@ -468,12 +480,14 @@ def format_table(report: dict) -> str:
     lines = [f"held-out files {cfg['files']}, seed {cfg['seed']}, steps {cfg['steps']}, "
              f"prefix cap {cfg['max_prefix_tokens']} tokens, completion budget {cfg['max_new_tokens']} tokens",
              f"{'task':<11}{'mode':<10}{'n':>4}{'parse':>13}{'exact':>13}{'edit':>13}{'tok/fwd':>9}{'tok/s':>10}"]
-    for task, modes in (("infill", (*MODES, "baseline")), ("completion", MODES)):
+    infill_modes = [m for m in ("diffusion", "best_of", "ar", "baseline") if m in report["infill"]]
+    for task, modes in (("infill", infill_modes), ("completion", MODES)):
         for mode in modes:
             m = report[task][mode]
+            label = f"best-of-{cfg['best_of']}" if mode == "best_of" else mode
             rates = [_rate(m.get(k), m.get(k + "_stderr")) for k in ("parse_rate", "exact_match", "edit_similarity")]
             speed = [_cell(m.get(k), f) for k, f in (("tokens_per_forward", ".2f"), ("tokens_per_second", ".1f"))]
-            lines.append(f"{task:<11}{mode:<10}{m['n']:>4}{rates[0]:>13}{rates[1]:>13}{rates[2]:>13}{speed[0]:>9}"
+            lines.append(f"{task:<11}{label:<10}{m['n']:>4}{rates[0]:>13}{rates[1]:>13}{rates[2]:>13}{speed[0]:>9}"
                          f"{speed[1]:>10}")
     lines.append(f"wall time {report['wall_seconds']:.1f} s; ± is one standard error over the samples")
     return "\n".join(lines)
@@ -484,7 +498,7 @@ def cmd_eval_code(args) -> int:
     model = load(args.model, device=args.device, dtype=args.dtype)
     report = evaluate(model, limit=args.limit, seed=args.seed, steps=args.steps,
                       max_prefix_tokens=args.max_prefix_tokens, max_new_tokens=args.max_new_tokens,
-                      progress=True)
+                      best_of=args.best_of, progress=True)
     if args.json:
         print(json.dumps(report))
     else:
