@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=None, help="maximum denoising steps per canvas")
     ev.add_argument("--max-prefix-tokens", type=int, default=1024, help="prompt cap in tokens (default: 1024)")
     ev.add_argument("--max-new-tokens", type=int, default=128, help="completion budget in tokens (default: 128)")
-    ev.add_argument("--best-of", type=int, default=4,
+    ev.add_argument("--best-of", type=int, default=4, metavar="N",
                     help="also fill each infill hole N times and keep the fill the model scores most likely with "
                          "the text after it; 1 skips that row (default: 4)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
