@@ -147,8 +147,9 @@ class Model:
         after the hole; cut to what fits in one canvas). Returns the filled ids (EOS and pad dropped).
         `best_of` > 1 fills the hole that many times in one batch (the rows start from different noise) and returns
         the fill that, followed by the pinned suffix, the model's own causal pass scores most likely after the prefix
-        (`ar_score`): the fill that best leads into the text after it. Its `steps` then count the decoder passes of
-        every candidate row plus one scoring pass each, and `tokens_per_forward` is over that count."""
+        (`ar_score`): the fill that best leads into the text after it (an empty fill before an empty suffix scores
+        lowest). Its `steps` then count the decoder passes of every candidate row plus one scoring pass each, and
+        `tokens_per_forward` is the chosen fill's generated tokens over that count."""
         c = self.config.canvas_length
         if not isinstance(fill_length, int) or not 0 < fill_length <= c:
             raise ValueError(f"fill_length must be an integer in [1, {c}], got {fill_length!r}")
@@ -166,11 +167,14 @@ class Model:
             return self.generate([list(prefix_ids)], canvas=start, pinned=hold, **kw)
         rows = self.generate([list(prefix_ids)] * best_of, canvas=start.expand(best_of, c),
                              pinned=hold.expand(best_of, c), **kw)
-        scores = ar_score(self.net, list(prefix_ids), [fill + suffix for fill in rows.token_ids])  # [best_of]
-        best = int(scores.argmax())
+        texts = [fill + suffix for fill in rows.token_ids]
+        scores = ar_score(self.net, list(prefix_ids), texts)  # [best_of]
+        # Nothing to score (an empty fill before an empty suffix) is no evidence, not certainty.
+        scores = scores.masked_fill(torch.tensor([not t for t in texts], device=scores.device), float("-inf"))
+        best = int(scores.argmax())  # all -inf: the first
         passes = sum(sum(steps) for steps in rows.steps) + best_of
-        return GenerationResult([rows.token_ids[best]], [len(rows.token_ids[best]) / passes], [[passes]],
-                                [rows.finish_reasons[best]])
+        generated = rows.tokens_per_forward[best] * sum(rows.steps[best])  # its tokens, an EOS included
+        return GenerationResult([rows.token_ids[best]], [generated / passes], [[passes]], [rows.finish_reasons[best]])
 
     # ---- text helpers ------------------------------------------------------------------------------------------
     def _need_tokenizer(self) -> Tokenizer:

@@ -132,8 +132,8 @@ def cmd_run(args) -> int:
         text = tok.decode(result.token_ids[0]) if tok is not None else None
     else:
         if model.tokenizer is None:
-            raise ValueError(f"{args.model} has no tokenizer (dgemma does not read a .gguf file's vocabulary): pass "
-                             "the prompt as token ids with --ids")
+            raise ValueError(f"{args.model} has no tokenizer (no tokenizer.json; a .gguf file's vocabulary is not "
+                             "read): pass the prompt as token ids with --ids")
         if args.chat:
             out = model.chat([{"role": "user", "content": args.prompt}], thinking=args.thinking, **kw)
         else:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import dgemma
+import dgemma.engine.ar
 from dgemma.cli import main
 from dgemma.engine.ar import ar_generate, ar_score
 from dgemma.engine.cache import KVCache
@@ -130,9 +131,12 @@ def test_failed_token_step_capture_decodes_eagerly(net, monkeypatch):
         assert ar_generate(net, [2, 7, 8], 12).token_ids == expected
 
 
-def test_ar_score_sums_the_log_probabilities_of_each_continuation(net):
+@pytest.mark.parametrize("positions_at_once", [None, 3])
+def test_ar_score_sums_the_log_probabilities_of_each_continuation(net, monkeypatch, positions_at_once):
     """Against re-encoding each prefix alone, token by token; rows of different lengths (one empty) in one batch,
-    crossing the tiny preset's 64-token sliding window."""
+    crossing the tiny preset's 64-token sliding window; the head over all positions at once or three at a time."""
+    if positions_at_once:
+        monkeypatch.setattr(dgemma.engine.ar, "_SCORE_ENTRIES", positions_at_once * net.config.vocab_size)
     gen = torch.Generator().manual_seed(5)
     prompt = torch.randint(3, 500, (60,), generator=gen).tolist()
     conts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (9, 3, 0, 12)]
@@ -150,5 +154,5 @@ def test_ar_score_sums_the_log_probabilities_of_each_continuation(net):
     torch.testing.assert_close(scores, torch.tensor(expected), rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="at least one continuation"):
         ar_score(net, prompt, [])
-    with pytest.raises(ValueError, match="out of range|vocab"):
-        ar_score(net, prompt, [[net.config.vocab_size]])
+    with pytest.raises(ValueError, match="continuation token id 512 is outside the vocabulary"):
+        ar_score(net, prompt, [[5], [net.config.vocab_size]])

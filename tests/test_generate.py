@@ -139,6 +139,18 @@ def test_infill_best_of_keeps_the_fill_the_model_scores_highest(tiny):
         model.infill(prefix, suffix, fill_length=4, best_of=0)
 
 
+def test_infill_best_of_before_an_empty_suffix_never_prefers_an_empty_fill(tiny, monkeypatch):
+    """An empty fill before an empty suffix leaves nothing to score (log 1 = 0, above any real fill's score)."""
+    from dgemma.engine.generate import GenerationResult
+
+    model = dgemma.load(tiny[0])
+    fills = [[], [7, 8], []]
+    monkeypatch.setattr(model, "generate", lambda *a, **kw: GenerationResult(
+        fills, [0.5, 1.0, 0.5], [[2], [2], [2]], ["stop", "length", "stop"]))
+    r = model.infill([5, 6, 7], [], fill_length=2, best_of=3)
+    assert r.token_ids == [[7, 8]] and r.steps == [[6 + 3]] and r.tokens_per_forward == [2 / 9]
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(prompt_ids=[]), "empty prompt"),
     (dict(prompt_ids=[[1, 2], []]), "empty prompt"),

@@ -358,7 +358,7 @@ def test_q6_k_blocks_repack_into_int8_groups_of_16_exactly(d):
     np.testing.assert_array_equal(dequantize(q).numpy(), gguf.quants.dequantize(raw, Q.Q6_K))
 
 
-@pytest.mark.parametrize("d, dmin", [(2.0**-7, 2.0**-9), (0.01234, 0.00456), (3.1, 70.0)])
+@pytest.mark.parametrize("d, dmin", [(2.0**-7, 2.0**-9), (0.01234, 0.00456), (3.1, 70.0), (3000.0, 6000.0)])
 @pytest.mark.parametrize("qtype", [Q.Q3_K, Q.Q2_K])
 def test_q2_k_and_q3_k_blocks_repack_into_int4_groups_of_16(qtype, d, dmin):
     from dgemma.quant.formats import dequantize
@@ -369,7 +369,9 @@ def test_q2_k_and_q3_k_blocks_repack_into_int4_groups_of_16(qtype, d, dmin):
     raw = _random_blocks(qtype, (2, 3), 512, halves, seed=7)
     q = _REPACKED[qtype.name](torch.from_numpy(raw).unflatten(-1, (2, size)))
     assert (q.kind, q.group_size, tuple(q.shape)) == ("int4", 16, (2, 3, 512))
-    assert q.scale.dtype == q.offset.dtype == torch.float16
+    # float16 scales and offsets, float32 where some would overflow float16 (65504; a Q3_K offset is 4 * 31 * d)
+    exact = d == 2.0**-7 or d == 3000.0
+    assert q.scale.dtype == q.offset.dtype == (torch.float32 if d == 3000.0 else torch.float16)
     codes = dequantize(QTensor("int4", q.codes, torch.ones_like(q.scale), torch.zeros_like(q.offset)))
     assert codes.max() <= (7 if qtype == Q.Q3_K else 3)
     ref = gguf.quants.dequantize(raw, qtype)  # [2, 3, 512]
@@ -378,16 +380,16 @@ def test_q2_k_and_q3_k_blocks_repack_into_int4_groups_of_16(qtype, d, dmin):
     # or a = d * (sc & 15), b = -dmin * (sc >> 4) (Q2_K); both rounded to float16 here.
     blocks = raw.reshape(-1, size)
     if qtype == Q.Q3_K:
-        six = np.concatenate([blocks[:, 96:104] & 15, blocks[:, 96:104] >> 4], -1) \
-            | (((blocks[:, 104:108][:, None, :] >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3).reshape(-1, 16) << 4)
+        top = (blocks[:, 104:108][:, None, :] >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3  # [blocks, 4, 4]
+        six = np.concatenate([blocks[:, 96:104] & 15, blocks[:, 96:104] >> 4], -1) | (top.reshape(-1, 16) << 4)
         a = np.float32(np.float16(d)) * (six.astype(np.float32) - 32)
         b = -4 * a
     else:
         a = np.float32(np.float16(d)) * (blocks[:, :16] & 15).astype(np.float32)
         b = -np.float32(np.float16(dmin)) * (blocks[:, :16] >> 4).astype(np.float32)
-    np.testing.assert_array_equal(q.scale.numpy().reshape(-1, 16), a.astype(np.float16))
-    np.testing.assert_array_equal(q.offset.numpy().reshape(-1, 16), b.astype(np.float16))
-    if d == 2.0**-7:  # power-of-two scales: the products are exact in float16, so are the values
+    np.testing.assert_array_equal(q.scale.numpy().reshape(-1, 16), a.astype(q.scale.numpy().dtype))
+    np.testing.assert_array_equal(q.offset.numpy().reshape(-1, 16), b.astype(q.offset.numpy().dtype))
+    if exact:  # power-of-two float16 scales, or float32 ones: the products are exact, so are the values
         np.testing.assert_array_equal(ours, ref)
     # Elsewhere within the float16 rounding of a (times a code <= 7) and b: a misplaced bit or sub-block is off by
     # at least one step a.

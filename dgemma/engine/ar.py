@@ -121,21 +121,27 @@ def ar_generate(net: DiffusionGemma, prompt_ids, max_new_tokens: int, *, tempera
     return ArResult(out, forwards)
 
 
+# Logits `ar_score` holds at once (64 MiB in float32): a few positions of a large vocabulary, not all of them.
+_SCORE_ENTRIES = 1 << 24
+
+
 @torch.no_grad()
 def ar_score(net: DiffusionGemma, prompt_ids: list[int], continuations: list[list[int]]) -> torch.Tensor:
     """The log-probability the causal encoder and the tied head give each continuation after one prompt: the sum of
     log p(token | everything before it) over the continuation's tokens -> float32 [N] (0 for an empty one). One
     encoder pass over the prompt and every continuation, right-padded: padding comes after a row's tokens, so a
-    causal pass never reads it."""
+    causal pass never reads it. The head runs a few positions at a time (`_SCORE_ENTRIES` logits)."""
     cfg = net.config
     prompt = prompt_rows([list(prompt_ids)], cfg.vocab_size)[0]
     if not continuations:
         raise ValueError("ar_score needs at least one continuation")
     rows = [list(c) for c in continuations]
-    if not any(rows):  # nothing to score: log 1 each
-        return torch.zeros(len(rows), device=net.device)
-    prompt_rows([r for r in rows if r], cfg.vocab_size)  # checks the ids; an empty continuation scores 0
+    bad = [t for r in rows for t in r if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"continuation token id {bad[0]!r} is outside the vocabulary [0, {cfg.vocab_size})")
     longest = max(len(r) for r in rows)
+    if longest == 0:
+        return torch.zeros(len(rows), device=net.device)
     if len(prompt) + longest > cfg.max_position_embeddings:
         raise ValueError(f"prompt of {len(prompt)} tokens plus a continuation of {longest} exceeds the context of "
                          f"{cfg.max_position_embeddings} positions")
@@ -143,7 +149,12 @@ def ar_score(net: DiffusionGemma, prompt_ids: list[int], continuations: list[lis
     ids = torch.tensor([prompt + r + [cfg.pad_token_id] * (longest - len(r)) for r in rows], device=device)  # [N, T]
     real = torch.tensor([[True] * len(r) + [False] * (longest - len(r)) for r in rows], device=device)  # [N, L]
     cache = StaticKVCache(cfg, len(rows), ids.shape[1], net.dtype, device)
-    hidden = net.encode(ids, cache)[:, len(prompt) - 1:-1]  # [N, L, H]: each position predicts the next token
-    logp = torch.log_softmax(net.head(hidden), dim=-1)  # [N, L, V] float32
-    picked = logp.gather(-1, ids[:, len(prompt):, None])[..., 0]  # [N, L]
-    return (picked * real).sum(-1)
+    hidden = net.encode(ids, cache)[:, len(prompt) - 1:-1].flatten(0, 1)  # [N * L, H]: each predicts the next token
+    targets = ids[:, len(prompt):].flatten()  # [N * L]
+    picked = torch.empty(targets.shape, device=device)  # [N * L] float32
+    step = max(1, _SCORE_ENTRIES // cfg.vocab_size)
+    for start in range(0, len(targets), step):
+        logits = net.head(hidden[start:start + step])  # [step, V] float32
+        picked[start:start + step] = logits.gather(-1, targets[start:start + step, None])[:, 0] - logits.logsumexp(-1)
+    return torch.where(real, picked.view(real.shape), 0.0).sum(-1)
+

@@ -16,8 +16,8 @@ Layouts read (see `dgemma.quant.formats`):
   (+ offset) in float32, to x's dtype before the product instead.
 - int4: codes uint8 [N, K // 2]; within each group of G inputs byte j holds input j in its low nibble and input
   j + G/2 in its high nibble; scale and offset [N, K // G]. A K-step is one group: the G/2 bytes (padded to a power
-  of two and masked when G/2 is not one, as for G = 88) give the low nibbles, multiplied with x's first half-group,
-  and the high ones, with the second; the group's sum s of x * code becomes s * scale + sum(x) * offset.
+  of two of at least 16, tl.dot's smallest, and masked, as for G = 88 or 16) give the low nibbles, multiplied with
+  x's first half-group, and the high ones, with the second; the group's sum s of x * code becomes s * scale + sum(x) * offset.
 Edges over M, N, K and groups are masked, so no size needs to be a multiple of a block.
 Grouped: the m-tiles of all experts are numbered in expert order (expert e has cdiv(counts[e], BLOCK_M)); program t
 reads all E counts and finds its expert and rows itself, so there is no host sync and no extra launch, and an empty
@@ -174,7 +174,6 @@ def _operands(x: torch.Tensor, w: QTensor | torch.Tensor, dims: int):
     k = w.shape[-1]
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {k}")
-    # int4 bytes per half-group, padded to a power of two of at least 16 (tl.dot's smallest inner size; masked)
     half = max(16, triton.next_power_of_2(group // 2)) if kind == _INT4 else 1
     flags = {"KIND": kind, "PER_ROW": group == k and offset is None, "OFFSET": offset is not None, "HALF": half,
              "FLOAT32_DOT": interpreting() and x.dtype == torch.bfloat16, "BLOCK_N": tile["BLOCK_N"],

@@ -34,8 +34,9 @@ only: Q4_K -> int4 and Q5_K -> int8 (codes 0..31), both with group 32, scale d *
 32-weight sub-block, each product of a float16 by a 6-bit integer rounded to float16 (so within float16 rounding of
 llama.cpp's values, not bit-exact); Q6_K -> int8 codes q - 32 with group 16 and float32 scales d * sc (exact); Q3_K
 and Q2_K (3- and 2-bit codes in sub-blocks of 16) -> int4 with group 16, float16 scales and offsets (0.75 bytes per
-weight; within float16 rounding, as Q4_K). Gate and up experts of one kind but different groups fuse into the smaller
-group. F32, F16 and BF16 load as float; every other type the package can decode (IQ types, ...) is dequantized to
+weight; within float16 rounding, as Q4_K). Scales or offsets that would overflow float16 stay float32. Gate and up
+experts of one kind (int8 or int4) whose groups divide each other fuse into the smaller group; other mixes load as
+float. F32, F16 and BF16 load as float; every other type the package can decode (IQ types, ...) is dequantized to
 float.
 The GGUF vocabulary is not read: a model loaded from GGUF takes token ids.
 Must not: write GGUF files or guess a mapping for other architectures.
@@ -205,14 +206,13 @@ class GGUFFile:
 
     def _value(self, name: str, meta: bool = False) -> QTensor | torch.Tensor:
         """One tensor in PyTorch order: repacked into a QTensor when its blocks map exactly, else float. With `meta`,
-        the same tensors on the meta device: shapes and dtypes only, nothing read or decoded."""
+        the same tensors on the meta device: shapes only (float ones as float32), nothing read or decoded."""
         gguf = _gguf()
         q = gguf.GGMLQuantizationType
         t = self.tensors[name]
         data = t.data
-        if meta and t.tensor_type.name not in _REPACKED:
-            dtype = {q.F16: torch.float16, q.BF16: torch.bfloat16}.get(t.tensor_type, torch.float32)
-            return torch.empty(tuple(int(n) for n in reversed(t.shape)), dtype=dtype, device="meta")  # ggml order
+        if meta and t.tensor_type.name not in _REPACKED:  # its shape (ggml lists dimensions innermost first)
+            return torch.empty(tuple(int(n) for n in reversed(t.shape)), device="meta")
         if t.tensor_type in (q.F32, q.F16):
             return torch.from_numpy(np.array(data))
         if t.tensor_type == q.BF16:
@@ -249,7 +249,8 @@ class GGUFFile:
                 up_name = f"blk.{match.group(1)}.ffn_up_exps.weight"
                 if up_name not in self.tensors:
                     raise ValueError(f"{self.path}: {name} has no matching {up_name}")
-                yield f"layers.{match.group(1)}.experts.gate_up_proj", _fuse(self._value(name, meta), self._value(up_name, meta))
+                fused = _fuse(self._value(name, meta), self._value(up_name, meta))
+                yield f"layers.{match.group(1)}.experts.gate_up_proj", fused
                 continue
             if name == "output.weight":  # an untied head copy; the model ties its head to token_embd
                 continue
@@ -311,10 +312,19 @@ def _q5_1(blocks: torch.Tensor) -> QTensor:
     return QTensor("int8", codes.to(torch.int8).flatten(-2), scale, offset)
 
 
+def _compact(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 scales and offsets -> float16 when every value stays finite there (on the meta device, which cannot
+    tell, float16), else float32 as they are."""
+    halves = scale.half(), offset.half()
+    if scale.device.type == "meta" or all(bool(torch.isfinite(h).all()) for h in halves):
+        return halves
+    return scale, offset
+
+
 def _k_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K / Q5_K super-blocks uint8 [..., N, K/256, size] (d f16, dmin f16, scales[12]: eight 6-bit scales sc and
     eight 6-bit mins m, ...) -> per 32-weight sub-block i the scale d * sc[i] and offset -dmin * m[i], each rounded
-    to float16: [..., N, K/32] each."""
+    to float16 (`_compact`): [..., N, K/32] each."""
     d = blocks[..., 0:2].contiguous().view(torch.float16).float()  # [..., N, B, 1]
     dmin = blocks[..., 2:4].contiguous().view(torch.float16).float()  # [..., N, B, 1]
     packed = blocks[..., 4:16].unflatten(-1, (3, 4))  # [..., N, B, 3, 4]
@@ -323,7 +333,7 @@ def _k_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # bytes 8-11 (scales low nibble, mins high nibble), top 2 bits in the top 2 bits of bytes 0-3 / 4-7.
     sc = torch.cat([lo & 63, (mixed & 15) | ((lo >> 6) << 4)], -1)  # [..., N, B, 8]
     m = torch.cat([hi & 63, (mixed >> 4) | ((hi >> 6) << 4)], -1)  # [..., N, B, 8]
-    return (d * sc.float()).half().flatten(-2), (-(dmin * m.float())).half().flatten(-2)
+    return _compact((d * sc.float()).flatten(-2), (-(dmin * m.float())).flatten(-2))
 
 
 def _q4_k(blocks: torch.Tensor) -> QTensor:
@@ -387,30 +397,30 @@ def _q3_k(blocks: torch.Tensor) -> QTensor:
     d * (sc[i] - 32) * (q - 4) for sub-block i of 16, q = 4 * high bit + low 2 bits. Weight 32j + l has its low bits
     as `_two_bit_codes` says and its high bit in hmask byte l at bit j. Sub-block i's 6-bit sc has its low 4 bits in
     byte i % 8 (low nibble for i < 8, high above) and its top 2 in byte 8 + i % 4 at bit 2 * (i // 4). Codes move by
-    bit operations; d * (sc - 32) is rounded to float16 (so within float16 rounding of llama.cpp's values), and the
-    offset, four times that, is exact."""
+    bit operations; d * (sc - 32) is rounded to float16 (`_compact`; so within float16 rounding of llama.cpp's
+    values), and the offset, four times that, is exact."""
     bit = torch.arange(8, dtype=torch.uint8, device=blocks.device)[:, None]  # [8, 1]
     high = (blocks[..., None, :32] >> bit) & 1  # [..., N, B, 8 (j), 32 (l)]
     codes = _two_bit_codes(blocks[..., 32:96]) | (high << 2)  # [..., N, B, 8, 32]
     packed = blocks[..., 96:108]  # [..., N, B, 12]
     low = torch.cat([packed[..., :8] & 15, packed[..., :8] >> 4], -1)  # [..., N, B, 16]
-    top = _crumbs(packed[..., None, 8:12]).flatten(-2)  # [..., N, B, 16]: sub-block i at 4 * (i // 4) + i % 4
+    top = _crumbs(packed[..., None, 8:12]).flatten(-2)  # [..., N, B, 16]
     sc = (low | (top << 4)).float() - 32  # [..., N, B, 16]
     d = blocks[..., 108:110].contiguous().view(torch.float16).float()  # [..., N, B, 1]
-    scale = (d * sc).half().flatten(-2)  # [..., N, K/16]
-    return QTensor("int4", _int4_groups_of_16(codes), scale, (scale.float() * -4).half())
+    scale = (d * sc).flatten(-2)  # [..., N, K/16], exact in float32
+    return QTensor("int4", _int4_groups_of_16(codes), *_compact(scale, scale * -4))
 
 
 def _q2_k(blocks: torch.Tensor) -> QTensor:
     """Q2_K super-blocks uint8 [..., N, K/256, 84] -> int4 QTensor [..., N, K] with group 16, codes 0..3, float16
-    scales d * (sc[i] & 15) and offsets -dmin * (sc[i] >> 4) (each rounded to float16, so within float16 rounding of
-    llama.cpp's values). A block is scales[16], qs[64] (`_two_bit_codes`), d f16, dmin f16; weight value
-    d * (sc[i] & 15) * q - dmin * (sc[i] >> 4) for sub-block i of 16."""
+    scales d * (sc[i] & 15) and offsets -dmin * (sc[i] >> 4) (each rounded to float16 by `_compact`, so within
+    float16 rounding of llama.cpp's values). A block is scales[16], qs[64] (`_two_bit_codes`), d f16, dmin f16;
+    weight value d * (sc[i] & 15) * q - dmin * (sc[i] >> 4) for sub-block i of 16."""
     sc = blocks[..., :16]  # [..., N, B, 16]
     d, dmin = blocks[..., 80:84].contiguous().view(torch.float16).float().unsqueeze(-1).unbind(-2)  # [..., N, B, 1]
-    scale = (d * (sc & 15).float()).half().flatten(-2)  # [..., N, K/16]
-    offset = (-(dmin * (sc >> 4).float())).half().flatten(-2)
-    return QTensor("int4", _int4_groups_of_16(_two_bit_codes(blocks[..., 16:80])), scale, offset)
+    scale = (d * (sc & 15).float()).flatten(-2)  # [..., N, K/16]
+    offset = (-(dmin * (sc >> 4).float())).flatten(-2)
+    return QTensor("int4", _int4_groups_of_16(_two_bit_codes(blocks[..., 16:80])), *_compact(scale, offset))
 
 
 # GGML types repacked into QTensors: blocks uint8 [..., N, K/block, block bytes] -> QTensor.
