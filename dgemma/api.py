@@ -17,7 +17,7 @@ import torch
 
 from . import checkpoint, quant
 from .config import GenerationSettings, ModelConfig
-from .engine.ar import ar_score
+from .engine.ar import fit_scores
 from .engine.cache import KVCache
 from .engine.generate import GenerationResult, StepEvent, generate, pad_prompts, prompt_rows
 from .engine.prefix import PrefixCache
@@ -147,8 +147,8 @@ class Model:
         after the hole; cut to what fits in one canvas). Returns the filled ids (EOS and pad dropped).
         `best_of` > 1 fills the hole that many times in one batch (the rows start from different noise) and returns
         the fill that, followed by the pinned suffix, the model's own causal pass scores most likely after the prefix
-        (`ar_score`): the fill that best leads into the text after it (an empty fill before an empty suffix scores
-        lowest). Its `steps` then count the decoder passes of every candidate row plus one scoring pass each, and
+        (`fit_scores`): the fill that best leads into the text after it (an empty fill before an empty suffix
+        ranks last). Its `steps` then count the decoder passes of every candidate row plus one scoring pass each, and
         `tokens_per_forward` is the chosen fill's generated tokens over that count."""
         c = self.config.canvas_length
         if not isinstance(fill_length, int) or not 0 < fill_length <= c:
@@ -167,11 +167,8 @@ class Model:
             return self.generate([list(prefix_ids)], canvas=start, pinned=hold, **kw)
         rows = self.generate([list(prefix_ids)] * best_of, canvas=start.expand(best_of, c),
                              pinned=hold.expand(best_of, c), **kw)
-        texts = [fill + suffix for fill in rows.token_ids]
-        scores = ar_score(self.net, list(prefix_ids), texts)  # [best_of]
-        # Nothing to score (an empty fill before an empty suffix) is no evidence, not certainty.
-        scores = scores.masked_fill(torch.tensor([not t for t in texts], device=scores.device), float("-inf"))
-        best = int(scores.argmax())  # all -inf: the first
+        scores = fit_scores(self.net, list(prefix_ids), [fill + suffix for fill in rows.token_ids])  # [best_of]
+        best = int(scores.argmax())
         passes = sum(sum(steps) for steps in rows.steps) + best_of
         generated = rows.tokens_per_forward[best] * sum(rows.steps[best])  # its tokens, an EOS included
         return GenerationResult([rows.token_ids[best]], [generated / passes], [[passes]], [rows.finish_reasons[best]])

@@ -7,7 +7,7 @@ import torch
 import dgemma
 import dgemma.engine.ar
 from dgemma.cli import main
-from dgemma.engine.ar import ar_generate, ar_score
+from dgemma.engine.ar import ar_generate, ar_score, fit_scores
 from dgemma.engine.cache import KVCache
 
 
@@ -156,3 +156,10 @@ def test_ar_score_sums_the_log_probabilities_of_each_continuation(net, monkeypat
         ar_score(net, prompt, [])
     with pytest.raises(ValueError, match="continuation token id 512 is outside the vocabulary"):
         ar_score(net, prompt, [[5], [net.config.vocab_size]])
+
+
+def test_fit_scores_rank_an_empty_text_last(net):
+    prompt, texts = [5, 6, 7], [[], [9, 10], [11]]
+    scores = fit_scores(net, prompt, texts)
+    assert scores[0] == float("-inf") and torch.equal(scores[1:], ar_score(net, prompt, texts[1:]))
+    assert int(fit_scores(net, prompt, [[], []]).argmax()) == 0  # nothing to choose by: the first

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -177,6 +178,41 @@ def test_stop_strings_cut_text_and_tokens(client, model):
                                               stream=True))
     assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
     assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_infill_best_of_answers_with_the_row_the_model_scores_highest(server, model, monkeypatch):
+    import dgemma.serve.app as app_module
+
+    url, tok = server.url, model.tokenizer
+    body = {"model": NAME, "prefix": "def add(a, b):\n    return ", "suffix": "\n\nprint(add(1, 2))\n",
+            "fill_length": 6, "seed": 3, "best_of": 3}
+    seen = []
+
+    def favour_the_last(net, prompt, texts):  # records what is scored; ranks the last row first
+        seen.append((prompt, texts))
+        return torch.arange(len(texts), dtype=torch.float32)
+
+    monkeypatch.setattr(app_module, "fit_scores", favour_the_last)
+    out = httpx.post(url + "/v1/infill", json=body, timeout=60).json()
+    (prompt, texts), = seen
+    suffix = tok.encode(body["suffix"])
+    assert prompt == tok.encode(body["prefix"], add_bos=True) and len(texts) == 3
+    assert all(t[len(t) - len(suffix):] == suffix for t in texts)  # each row's fill, then the pinned suffix
+    assert out["fills"] == [tok.decode(texts[2][:len(texts[2]) - len(suffix)])]
+    assert out["text"] == body["prefix"] + out["fills"][0] + body["suffix"] and out["dgemma"]["best_of"] == 3
+
+    def broken(net, prompt, texts):
+        raise RuntimeError("scoring broke")
+
+    monkeypatch.setattr(app_module, "fit_scores", broken)  # a failing score fails the request, not the server
+    failed = httpx.post(url + "/v1/infill", json=body, timeout=60)
+    assert failed.status_code == 500 and "scoring broke" in failed.text
+    monkeypatch.undo()
+    real = httpx.post(url + "/v1/infill", json=body, timeout=60).json()
+    assert real["text"] == body["prefix"] + real["fills"][0] + body["suffix"]
+    assert httpx.post(url + "/v1/infill", json=body, timeout=60).json()["fills"] == real["fills"]
+    bad = httpx.post(url + "/v1/infill", json={**body, "best_of": 0}, timeout=60)
+    assert bad.status_code in (400, 422) and "best_of" in bad.text
 
 
 def test_infill_and_edit_keep_the_pinned_text(server, model):

@@ -3,10 +3,10 @@
 Owns: token-by-token decoding through `DiffusionGemma.encode` into a `StaticKVCache` sized for the prompt and the
 new tokens (the prompt is prefilled in one call, then one token per call), greedy or temperature sampling, per-row
 stopping at the config's EOS ids (or caller-given stop ids), the max_new_tokens cap, and the forward count; and
-scoring given continuations of a prompt by their log-probability (`ar_score`). On a CUDA device the one-token pass
-is captured once as a CUDA graph and replayed for every token (`graphs.use_graphs`): the honest baseline for
-diffusion's speed, since an eager token step is bound by kernel launches, not by the weights it reads. A capture
-that fails leaves a warning and eager passes.
+scoring given continuations of a prompt by their log-probability (`ar_score`, `fit_scores`). On a CUDA device the
+one-token pass is captured once as a CUDA graph and replayed for every token (`graphs.use_graphs`): the honest
+baseline for diffusion's speed, since an eager token step is bound by kernel launches, not by the weights it reads.
+A capture that fails leaves a warning and eager passes.
 A batch of prompts is left padded (`pad_prompts`) and the padding is masked out through `valid`; a row that has
 stopped keeps being fed (as padding) until every row is done, so rows never change each other's tokens.
 Must not: touch the decoder, the canvas sampler, tokenizers or files.
@@ -158,3 +158,10 @@ def ar_score(net: DiffusionGemma, prompt_ids: list[int], continuations: list[lis
         picked[start:start + step] = logits.gather(-1, targets[start:start + step, None])[:, 0] - logits.logsumexp(-1)
     return torch.where(real, picked.view(real.shape), 0.0).sum(-1)
 
+
+
+def fit_scores(net: DiffusionGemma, prompt_ids: list[int], texts: list[list[int]]) -> torch.Tensor:
+    """`ar_score` of each candidate text after the prompt, for choosing among them: an empty text, which leaves
+    nothing to score, ranks last (-inf) instead of first (log 1 = 0) -> float32 [N]."""
+    scores = ar_score(net, prompt_ids, texts)
+    return scores.masked_fill(torch.tensor([not t for t in texts], device=scores.device), float("-inf"))

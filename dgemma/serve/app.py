@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import Model
+from ..engine.ar import fit_scores
 from .scheduler import Commit, Diffusion, Draft, End, Failed, Job, QueueFull, Scheduler
 from .text import Choice, channel_ids
 
@@ -129,6 +130,9 @@ class InfillRequest(_Request):
     hole_marker: str = Field("<|hole|>", min_length=1)
     fill_length: int | list[int] | None = Field(None, description="tokens per hole (one number or one per hole); "
                                                                   "default: half the canvas room shared by the holes")
+    best_of: int = Field(1, ge=1, le=16, description="fill the holes this many times in one batch and answer with "
+                                                     "the fills the model scores most likely with the text around "
+                                                     "them")
 
 
 class Selection(BaseModel):
@@ -521,8 +525,10 @@ def create_app(model: Model, config: ServeConfig | None = None) -> FastAPI:
         return canvas, pinned, spans
 
     async def fill(request: Request, req: _Request, prompt: list[int], head: str, texts: list[str],
-                   holes: list[int] | None, kind: str):
-        """Fill the holes before each of `texts` (their ids pinned) after `prompt`; answer or stream the result."""
+                   holes: list[int] | None, kind: str, best_of: int = 1):
+        """Fill the holes before each of `texts` (their ids pinned) after `prompt`; answer or stream the result.
+        With `best_of` > 1 the job has that many rows, and the answer is the row whose fills and pinned text
+        `fit_scores` ranks first."""
         check_model(req.model)
         d = diffusion(req)
         c = cfg.canvas_length
@@ -532,15 +538,29 @@ def create_app(model: Model, config: ServeConfig | None = None) -> FastAPI:
             room = c - sum(len(s) for s in segments[:-1])
             holes = [max(1, min(64, room // (2 * len(texts))))] * len(texts)
         canvas, pinned, spans = layout(segments, holes)
-        job = Job([prompt], c, d, seed=req.seed, canvas=canvas, pinned=pinned,
-                  drafts=req.stream and req.draft_events)
+        end = max([spans[-1][1]] + [i + 1 for i, p in enumerate(pinned) if p])  # the laid-out canvas
+        drop = {cfg.pad_token_id, *cfg.eos_token_ids}
+
+        def score(drafts: list[list[int]]) -> list[float]:
+            """Each row's fills (pad and EOS dropped) with the pinned text after each, scored after the prompt."""
+            texts = []
+            for draft in drafts:
+                ids = []
+                for (a, b), next_a in zip(spans, [a for a, _ in spans[1:]] + [end]):
+                    ids += [t for t in draft[a:b] if t not in drop] + draft[b:next_a]
+                texts.append(ids)
+            return fit_scores(model.net, prompt, texts).tolist()
+
+        job = Job([prompt] * best_of, c, d, seed=req.seed, canvas=canvas, pinned=pinned,
+                  drafts=req.stream and req.draft_events, score=score if best_of > 1 else None)
         submit(job)
         rid, created, start = f"{kind}-{uuid.uuid4().hex}", int(time.time()), time.perf_counter()
         result: dict = {}
 
         def on_event(event) -> None:
             if isinstance(event, Commit):
-                draft = event.tokens[0]
+                best = 0 if event.scores is None else max(range(best_of), key=event.scores.__getitem__)
+                draft = event.tokens[best]
                 fills = [tok.decode(draft[a:b]) for a, b in spans]
                 text = head + "".join(f + t for f, t in zip(fills, texts))
                 seconds = time.perf_counter() - start
@@ -548,7 +568,8 @@ def create_app(model: Model, config: ServeConfig | None = None) -> FastAPI:
                                "text": text, "fills": fills, "fill_lengths": holes,
                                "usage": {"prompt_tokens": len(prompt), "completion_tokens": sum(holes),
                                          "total_tokens": len(prompt) + sum(holes)},
-                               "dgemma": {"seconds": round(seconds, 4), "steps_per_canvas": [event.steps],
+                               "dgemma": {"seconds": round(seconds, 4), "steps_per_canvas": [[event.steps[best]]],
+                                          "best_of": best_of,
                                           "tokens_per_second": round(sum(holes) / max(seconds, 1e-9), 2)}})
 
         if not req.stream:
@@ -584,7 +605,7 @@ def create_app(model: Model, config: ServeConfig | None = None) -> FastAPI:
             holes = [holes] * (len(parts) - 1)
         if holes is not None and len(holes) != len(parts) - 1:
             raise ApiError(400, f"fill_length lists {len(holes)} lengths for {len(parts) - 1} holes", "fill_length")
-        return await fill(request, req, prompt_ids(parts[0]), parts[0], parts[1:], holes, "infill")
+        return await fill(request, req, prompt_ids(parts[0]), parts[0], parts[1:], holes, "infill", req.best_of)
 
     @app.post("/v1/edit", summary="Regenerate a selected span of text in its context")
     async def edit(request: Request, req: EditRequest):

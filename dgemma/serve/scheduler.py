@@ -19,6 +19,7 @@ import asyncio
 import threading
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -63,6 +64,7 @@ class Commit:
     canvas: int
     tokens: list[list[int]]  # per row; empty for rows that ended before this canvas
     steps: list[int]  # per row: denoising steps this canvas took
+    scores: list[float] | None = None  # per row: the raw job's `score` of its final draft
 
 
 @dataclass
@@ -79,17 +81,21 @@ class Job:
     """Prompt rows that are generated together and answered together (one HTTP request).
 
     `canvas`/`pinned` ([C] lists) start the first canvas from given ids with pinned positions; such a job is `raw`:
-    it runs alone for one canvas and its Commit holds the whole final draft. Events go to `events` on `loop`."""
+    it runs alone for one canvas and its Commit holds the whole final draft, and with `score` (the rows' drafts ->
+    one float per row, run on the worker thread, where the model is free) each draft's score. Events go to
+    `events` on `loop`."""
 
     def __init__(self, prompts: list[list[int]], max_new_tokens: int, diffusion: Diffusion = Diffusion(), *,
                  seed: int | None = None, canvas: list[int] | None = None, pinned: list[bool] | None = None,
-                 drafts: bool = False, loop: asyncio.AbstractEventLoop | None = None):
+                 drafts: bool = False, score: Callable[[list[list[int]]], list[float]] | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None):
         self.prompts = prompts
         self.max_new_tokens = max_new_tokens
         self.diffusion = diffusion
         self.seed = seed
         self.canvas, self.pinned = canvas, pinned
         self.drafts = drafts
+        self.score = score
         self.loop = loop or asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
@@ -195,7 +201,13 @@ class _Run:
             got = [commits.get(id(r)) for r in rows]
             steps = [c.steps if c else 0 for c in got]
             if job.raw:
-                job.emit(Commit(0, [c.draft for c in got], steps))
+                drafts = [c.draft for c in got]
+                try:
+                    scores = job.score(drafts) if job.score is not None else None
+                except Exception as err:  # noqa: BLE001 - the job is told, the worker goes on
+                    job.emit(Failed(err))
+                    continue
+                job.emit(Commit(0, drafts, steps, scores))
                 job.emit(End(["length"] * len(rows)))
                 continue
             job.emit(Commit(self._canvas[id(job)], [c.token_ids if c else [] for c in got], steps))
