@@ -213,6 +213,10 @@ def test_infill_best_of_answers_with_the_row_the_model_scores_highest(server, mo
     assert httpx.post(url + "/v1/infill", json=body, timeout=60).json()["fills"] == real["fills"]
     bad = httpx.post(url + "/v1/infill", json={**body, "best_of": 0}, timeout=60)
     assert bad.status_code in (400, 422) and "best_of" in bad.text
+    text = "the quick brown fox jumps"
+    edit = httpx.post(url + "/v1/edit", json={"model": NAME, "text": text, "selection": {"start": 10, "end": 15},
+                                              "seed": 2, "best_of": 2}, timeout=60).json()
+    assert edit["text"] == "the quick " + edit["fills"][0] + " fox jumps" and edit["dgemma"]["best_of"] == 2
 
 
 def test_infill_and_edit_keep_the_pinned_text(server, model):

@@ -123,16 +123,18 @@ class ChatRequest(_Generate):
                                               "reasoning comes back as `reasoning_content`")
 
 
-class InfillRequest(_Request):
+class _FillRequest(_Request):
+    best_of: int = Field(1, ge=1, le=16, description="fill this many times in one batch and answer with the fills "
+                                                     "the model scores most likely with the text after them")
+
+
+class InfillRequest(_FillRequest):
     prefix: str | None = Field(None, description="text before the hole (with suffix)")
     suffix: str | None = Field(None, description="text after the hole (with prefix)")
     text: str | None = Field(None, description="text with one or more hole markers (instead of prefix/suffix)")
     hole_marker: str = Field("<|hole|>", min_length=1)
     fill_length: int | list[int] | None = Field(None, description="tokens per hole (one number or one per hole); "
                                                                   "default: half the canvas room shared by the holes")
-    best_of: int = Field(1, ge=1, le=16, description="fill the holes this many times in one batch and answer with "
-                                                     "the fills the model scores most likely with the text around "
-                                                     "them")
 
 
 class Selection(BaseModel):
@@ -141,7 +143,7 @@ class Selection(BaseModel):
     end: int = Field(ge=0, description="one past the last selected character")
 
 
-class EditRequest(_Request):
+class EditRequest(_FillRequest):
     text: str
     selection: Selection
     instruction: str | None = Field(None, description="what to do with the span (uses the chat template)")
@@ -524,10 +526,10 @@ def create_app(model: Model, config: ServeConfig | None = None) -> FastAPI:
         pinned += [False] * (c - len(pinned))
         return canvas, pinned, spans
 
-    async def fill(request: Request, req: _Request, prompt: list[int], head: str, texts: list[str],
-                   holes: list[int] | None, kind: str, best_of: int = 1):
+    async def fill(request: Request, req: _FillRequest, prompt: list[int], head: str, texts: list[str],
+                   holes: list[int] | None, kind: str):
         """Fill the holes before each of `texts` (their ids pinned) after `prompt`; answer or stream the result.
-        With `best_of` > 1 the job has that many rows, and the answer is the row whose fills and pinned text
+        With `req.best_of` > 1 the job has that many rows, and the answer is the row whose fills and pinned text
         `fit_scores` ranks first."""
         check_model(req.model)
         d = diffusion(req)
@@ -551,6 +553,7 @@ def create_app(model: Model, config: ServeConfig | None = None) -> FastAPI:
                 texts.append(ids)
             return fit_scores(model.net, prompt, texts).tolist()
 
+        best_of = req.best_of
         job = Job([prompt] * best_of, c, d, seed=req.seed, canvas=canvas, pinned=pinned,
                   drafts=req.stream and req.draft_events, score=score if best_of > 1 else None)
         submit(job)
@@ -605,7 +608,7 @@ def create_app(model: Model, config: ServeConfig | None = None) -> FastAPI:
             holes = [holes] * (len(parts) - 1)
         if holes is not None and len(holes) != len(parts) - 1:
             raise ApiError(400, f"fill_length lists {len(holes)} lengths for {len(parts) - 1} holes", "fill_length")
-        return await fill(request, req, prompt_ids(parts[0]), parts[0], parts[1:], holes, "infill", req.best_of)
+        return await fill(request, req, prompt_ids(parts[0]), parts[0], parts[1:], holes, "infill")
 
     @app.post("/v1/edit", summary="Regenerate a selected span of text in its context")
     async def edit(request: Request, req: EditRequest):
