@@ -23,7 +23,7 @@ from ..model.diffusion_gemma import DiffusionGemma
 from ..sampling import sample
 from . import graphs
 from .cache import StaticKVCache
-from .generate import pad_prompts, prompt_rows
+from .generate import bad_token_id, pad_prompts, prompt_rows
 
 
 @dataclass
@@ -136,9 +136,9 @@ def ar_score(net: DiffusionGemma, prompt_ids: list[int], continuations: list[lis
     if not continuations:
         raise ValueError("ar_score needs at least one continuation")
     rows = [list(c) for c in continuations]
-    bad = [t for r in rows for t in r if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.vocab_size]
-    if bad:
-        raise ValueError(f"continuation token id {bad[0]!r} is outside the vocabulary [0, {cfg.vocab_size})")
+    bad = bad_token_id([t for r in rows for t in r], cfg.vocab_size)
+    if bad is not None:
+        raise ValueError(f"continuation token id {bad!r} is outside the vocabulary [0, {cfg.vocab_size})")
     longest = max(len(r) for r in rows)
     if longest == 0:
         return torch.zeros(len(rows), device=net.device)
@@ -157,7 +157,6 @@ def ar_score(net: DiffusionGemma, prompt_ids: list[int], continuations: list[lis
         logits = net.head(hidden[start:start + step])  # [step, V] float32
         picked[start:start + step] = logits.gather(-1, targets[start:start + step, None])[:, 0] - logits.logsumexp(-1)
     return torch.where(real, picked.view(real.shape), 0.0).sum(-1)
-
 
 
 def fit_scores(net: DiffusionGemma, prompt_ids: list[int], texts: list[list[int]]) -> torch.Tensor:

@@ -49,6 +49,11 @@ class GenerationResult:
     finish_reasons: list[str] = field(default_factory=list)  # "stop" (EOS) or "length"
 
 
+def bad_token_id(ids: list, vocab: int):
+    """The first entry of `ids` that is not an id in [0, vocab) (None when all are)."""
+    return next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+
+
 def prompt_rows(prompt_ids, vocab: int) -> list[list[int]]:
     """A 2-D tensor, a list of id lists or one id list -> validated id lists (errors name the problem)."""
     if isinstance(prompt_ids, torch.Tensor):
@@ -64,9 +69,9 @@ def prompt_rows(prompt_ids, vocab: int) -> list[list[int]]:
     for i, row in enumerate(rows):
         if not row:
             raise ValueError(f"empty prompt: prompt {i} has no tokens")
-        for t in row:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"prompt {i}: token id {t!r} is outside the vocabulary [0, {vocab})")
+        bad = bad_token_id(row, vocab)
+        if bad is not None:
+            raise ValueError(f"prompt {i}: token id {bad!r} is outside the vocabulary [0, {vocab})")
     return rows
 
 

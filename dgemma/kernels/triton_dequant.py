@@ -17,7 +17,8 @@ Layouts read (see `dgemma.quant.formats`):
 - int4: codes uint8 [N, K // 2]; within each group of G inputs byte j holds input j in its low nibble and input
   j + G/2 in its high nibble; scale and offset [N, K // G]. A K-step is one group: the G/2 bytes (padded to a power
   of two of at least 16, tl.dot's smallest, and masked, as for G = 88 or 16) give the low nibbles, multiplied with
-  x's first half-group, and the high ones, with the second; the group's sum s of x * code becomes s * scale + sum(x) * offset.
+  x's first half-group, and the high ones, with the second; the group's sum s of x * code becomes
+  s * scale + sum(x) * offset.
 Edges over M, N, K and groups are masked, so no size needs to be a multiple of a block.
 Grouped: the m-tiles of all experts are numbered in expert order (expert e has cdiv(counts[e], BLOCK_M)); program t
 reads all E counts and finds its expert and rows itself, so there is no host sync and no extra launch, and an empty
