@@ -159,8 +159,32 @@ _WRITERS = {Q.Q4_K: (_q4_k_blocks, 0.1), Q.Q5_K: (_q5_k_blocks, 0.1), Q.Q6_K: (_
             Q.Q3_K: (_q3_k_blocks, 0.3), Q.Q2_K: (_q2_k_blocks, 0.5)}
 
 
+def _iq_blocks(qtype, lead, k, d, seed=0) -> np.ndarray:
+    """Random valid blocks of an IQ type (any bytes are), with super-block scale d: a float16 at byte 0, except
+    IQ1_M's, which lies in the top nibbles of its four scale words (bytes 49, 51, 53, 55; the lowest nibble first)."""
+    if qtype != Q.IQ1_M:
+        return _random_blocks(qtype, lead, k, {0: d}, seed)
+    raw = _random_blocks(qtype, lead, k, {}, seed)
+    blocks = raw.reshape(*lead, -1, 56)  # a view
+    bits = int(_half_bytes(d).view(np.uint16)[0, 0])
+    for w in range(4):
+        blocks[..., 49 + 2 * w] = (blocks[..., 49 + 2 * w] & 15) | (((bits >> 4 * w) & 15) << 4)
+    return raw
+
+
+def _iq_like(data: np.ndarray, qtype, seed=0) -> np.ndarray:
+    """float32 [..., K] -> random IQ blocks [..., K / block weights * block bytes] whose values have the weights'
+    RMS (not their values: these types need lattice searches to write, and only their loading is under test)."""
+    lead, k = data.shape[:-1], data.shape[-1]
+    unit = gguf.quants.dequantize(_iq_blocks(qtype, lead, k, 1.0, seed), qtype)
+    d = np.sqrt(np.mean(data ** 2) / np.mean(unit ** 2))
+    return _iq_blocks(qtype, lead, k, d, seed)
+
+
 def _quantize(data: np.ndarray, qtype) -> np.ndarray:
-    """gguf.quants.quantize, plus the K-quants of `_WRITERS` by the rules above."""
+    """gguf.quants.quantize, plus the K-quants of `_WRITERS` by the rules above and IQ types by `_iq_like`."""
+    if qtype.name.startswith("IQ"):
+        return _iq_like(data, qtype)
     if qtype not in _WRITERS:
         return gguf.quants.quantize(data, qtype)
     writer, error = _WRITERS[qtype]
@@ -261,6 +285,19 @@ def test_gguf_can_be_converted_to_a_quantized_directory(tiny_net, tmp_path):
     dgemma.quant.quantize(tmp_path / "m.gguf", tmp_path / "q", "int8", progress=False)
     a, b = _logits(dgemma.load(tmp_path / "q")), _logits(dgemma.load(tmp_path / "m.gguf"))
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+
+
+def test_gguf_conversion_progress_totals_what_loading_yields(wide_net, tmp_path):
+    from dgemma.quant.gguf import GGUFFile
+
+    # Types whose loaded bytes differ from the file's: Q3_K and IQ2_XS grow when repacked, Q4_K gate with Q6_K up and
+    # TQ2_0 are decoded to float.
+    types = {"attn": Q.Q8_0, "mlp": Q.IQ2_XS, "gate": Q.Q4_K, "up": Q.Q6_K, "down": Q.Q3_K, "embed": Q.TQ2_0}
+    write_gguf(tmp_path / "m.gguf", wide_net, types, split_experts=True)
+    summary = dgemma.quant.quantize(tmp_path / "m.gguf", tmp_path / "q", "int8", progress=False)
+    source = GGUFFile(tmp_path / "m.gguf")
+    assert summary["source_bytes"] == source.total_bytes  # the bar's total is what its updates add up to
+    assert source.total_bytes > sum(int(t.n_bytes) for t in source.reader.tensors)
 
 
 def test_gguf_unknown_architecture_is_refused(tiny_net, tmp_path):
@@ -398,6 +435,46 @@ def test_q2_k_and_q3_k_blocks_repack_into_int4_groups_of_16(qtype, d, dmin):
     assert np.all(np.abs(ours - ref) <= bound)
 
 
+# IQ types: their int8 group size, scale dtype and the largest code magnitude their tables hold.
+_IQ = {Q.IQ4_NL: (32, torch.float16, 127), Q.IQ4_XS: (32, torch.float32, 127), Q.IQ2_XXS: (32, torch.float32, 43),
+       Q.IQ2_XS: (16, torch.float32, 43), Q.IQ2_S: (16, torch.float32, 43), Q.IQ3_XXS: (32, torch.float32, 62),
+       Q.IQ3_S: (32, torch.float32, 15), Q.IQ1_S: (32, torch.float32, 9), Q.IQ1_M: (16, torch.float32, 9)}
+
+
+@pytest.mark.parametrize("d", [0.01234, 2.0**-20, 1000.0])
+@pytest.mark.parametrize("qtype", list(_IQ))
+def test_iq_blocks_become_int8_codes_that_decode_exactly(qtype, d, monkeypatch):
+    from dgemma.quant import gguf as ours
+    from dgemma.quant.formats import dequantize
+
+    monkeypatch.setattr(ours, "_DECODE_ELEMENTS", 600)  # decode two or three rows at a time
+    size = gguf.GGML_QUANT_SIZES[qtype][1]
+    raw = _iq_blocks(qtype, (2, 3), 512, d, seed=11)
+    blocks = torch.from_numpy(raw).unflatten(-1, (-1, size))
+    if qtype.name in ours._REPACKED:  # IQ4: codes from the table by index, without the package
+        q = ours._REPACKED[qtype.name](blocks)
+    else:  # lattice types: the package decodes, the block scales divide
+        step = ours._STEPPED[qtype.name][1](blocks).flatten(-2)
+        q = QTensor("int8", ours._stepped_codes(qtype.name, raw.reshape(6, -1), step.reshape(6, -1)).reshape(2, 3, 512),
+                    step)
+    group, scale_dtype, top = _IQ[qtype]
+    assert (q.kind, q.group_size, tuple(q.shape), q.scale.dtype, q.offset) == ("int8", group, (2, 3, 512),
+                                                                                scale_dtype, None)
+    assert int(q.codes.abs().max()) == top  # steps read right: the codes span the type's table
+    np.testing.assert_array_equal(dequantize(q).numpy(), gguf.quants.dequantize(raw, qtype))
+
+
+def test_iq_values_that_are_not_multiples_of_their_steps_are_refused(wide_net, tmp_path, monkeypatch):
+    from dgemma.quant import gguf as ours
+
+    path = tmp_path / "model.gguf"
+    write_gguf(path, wide_net, {"attn": Q.Q8_0, "gate_up": Q.IQ3_S, "down": Q.IQ3_S})
+    group, step = ours._STEPPED["IQ3_S"]
+    monkeypatch.setitem(ours._STEPPED, "IQ3_S", (group, lambda b: step(b) * 3))  # a misread scale
+    with pytest.raises(ValueError, match=r"IQ3_S tensor 'blk\.0\..*' decodes to values that are not whole multiples"):
+        dgemma.load(path)
+
+
 def test_int4_experts_of_different_groups_fuse_into_the_smaller_groups():
     from dgemma.quant.formats import dequantize
     from dgemma.quant.gguf import _fuse, _q3_k, _q4_k
@@ -458,16 +535,19 @@ def wide_net():
     ({"attn": Q.Q5_0, "mlp": Q.Q5_1, "gate_up": Q.Q5_0, "down": Q.Q5_K, "embed": Q.Q5_K}, False),
     ({"attn": Q.Q4_0, "mlp": Q.Q2_K, "gate_up": Q.Q3_K, "down": Q.Q2_K, "embed": Q.Q3_K}, True),
     ({"attn": Q.Q8_0, "mlp": Q.Q3_K, "gate_up": Q.Q2_K, "down": Q.Q3_K, "embed": Q.Q2_K}, False),
+    ({"attn": Q.IQ4_NL, "mlp": Q.IQ2_XS, "gate_up": Q.IQ4_XS, "down": Q.IQ3_XXS, "embed": Q.IQ2_XXS}, False),
+    ({"attn": Q.IQ4_NL, "mlp": Q.IQ1_M, "gate_up": Q.IQ3_S, "down": Q.IQ1_S, "embed": Q.IQ2_S}, True),
 ])
-def test_gguf_k_quants_load_repacked_and_match_the_decoded_weights(wide_net, tmp_path, types, split,
-                                                                   float32_products):
+def test_gguf_k_and_iq_quants_load_repacked_and_match_the_decoded_weights(wide_net, tmp_path, types, split,
+                                                                          float32_products):
     path = tmp_path / "model.gguf"
     twin = write_gguf(path, wide_net, types, split_experts=split)
     model = dgemma.load(path)
     assert model.config == wide_net.config
     formats = {Q.Q4_K: ("int4", 32, torch.float16), Q.Q6_K: ("int8", 16, torch.float32),
                Q.Q3_K: ("int4", 16, torch.float16), Q.Q2_K: ("int4", 16, torch.float16),
-               **{t: ("int8", 32, torch.float16) for t in (Q.Q5_0, Q.Q5_1, Q.Q5_K)}}
+               **{t: ("int8", 32, torch.float16) for t in (Q.Q5_0, Q.Q5_1, Q.Q5_K)},
+               **{t: ("int8", group, dtype) for t, (group, dtype, _) in _IQ.items()}}
     net, layer = model.net, model.net.layers[1]
     for module, name, kind in [(layer.experts, "gate_up_proj", "gate_up"), (layer.experts, "down_proj", "down"),
                                (layer.mlp.down_proj, "weight", "mlp"), (net.self_conditioning.up_proj, "weight", "mlp"),
@@ -485,6 +565,8 @@ def test_gguf_k_quants_load_repacked_and_match_the_decoded_weights(wide_net, tmp
     # gate and up of two kinds (decoded to float) and of two int4 groups (fused into groups of 16)
     ({"attn": Q.Q8_0, "mlp": Q.Q3_K, "gate": Q.Q4_K, "up": Q.Q6_K, "down": Q.Q2_K, "embed": Q.Q4_K}, True),
     ({"attn": Q.Q4_1, "mlp": Q.Q2_K, "gate": Q.Q4_K, "up": Q.Q3_K, "down": Q.Q3_K, "embed": Q.Q6_K}, True),
+    # IQ types: int8 codes, lattice ones read on the meta device; gate and up in groups of 32 and 16
+    ({"attn": Q.IQ4_NL, "mlp": Q.IQ2_XS, "gate": Q.IQ3_S, "up": Q.IQ1_M, "down": Q.IQ4_XS, "embed": Q.IQ2_XXS}, True),
 ])
 def test_info_reports_a_gguf_files_resident_bytes_without_decoding(wide_net, tmp_path, capsys, types, split):
     from dgemma.cli import main

@@ -36,8 +36,12 @@ llama.cpp's values, not bit-exact); Q6_K -> int8 codes q - 32 with group 16 and 
 and Q2_K (3- and 2-bit codes in sub-blocks of 16) -> int4 with group 16, float16 scales and offsets (0.75 bytes per
 weight; within float16 rounding, as Q4_K). Scales or offsets that would overflow float16 stay float32. Gate and up
 experts of one kind (int8 or int4) whose groups divide each other fuse into the smaller group; other mixes load as
-float. F32, F16 and BF16 load as float; every other type the package can decode (IQ types, ...) is dequantized to
-float.
+float. IQ types become int8 codes, exact: IQ4_NL (float16 scale d per 32) and IQ4_XS (float32 d * (ls - 32) per 32)
+by looking their 4-bit indices up in the type's value table; the lattice types IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S,
+IQ1_S and IQ1_M, whose values are a per-group step times a small integer read from grids only the package holds, by
+decoding with the package a few rows at a time and dividing by the steps read from the blocks (`_STEPPED`; groups of
+32, or 16 for IQ2_XS, IQ2_S and IQ1_M; float32 steps; loading checks every quotient is a whole number that fits int8).
+F32, F16 and BF16 load as float; every other type the package can decode (TQ1_0, MXFP4, ...) is dequantized to float.
 The GGUF vocabulary is not read: a model loaded from GGUF takes token ids.
 Must not: write GGUF files or guess a mapping for other architectures.
 """
@@ -80,6 +84,7 @@ _GLOBAL = {
     "sc.ffn_down.weight": "self_conditioning.down_proj.weight", "sc.ffn_norm.weight": "self_conditioning.pre_norm.weight",
 }
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)$")
+_DECODE_ELEMENTS = 1 << 22  # weights decoded at once by the gguf package when loading a lattice (IQ) type
 _REQUIRED = object()
 
 
@@ -187,7 +192,9 @@ class GGUFFile:
 
     @property
     def total_bytes(self) -> int:
-        return sum(int(t.n_bytes) for t in self.reader.tensors)
+        """The bytes `entries` yields (repacked, fused or decoded; what a conversion reads), from the meta device."""
+        return sum(v.nbytes if isinstance(v, QTensor) else v.numel() * v.element_size()
+                   for _, v in self.entries(meta=True))
 
     def describe(self, dtype: torch.dtype) -> dict:
         """{"quantization": the tensor types and their counts, "resident_bytes": n}: the bytes the loaded weights take,
@@ -206,24 +213,36 @@ class GGUFFile:
 
     def _value(self, name: str, meta: bool = False) -> QTensor | torch.Tensor:
         """One tensor in PyTorch order: repacked into a QTensor when its blocks map exactly, else float. With `meta`,
-        the same tensors on the meta device: shapes only (float ones as float32), nothing read or decoded."""
+        the same tensors on the meta device: shapes and dtypes only, nothing read or decoded."""
         gguf = _gguf()
         q = gguf.GGMLQuantizationType
         t = self.tensors[name]
         data = t.data
-        if meta and t.tensor_type.name not in _REPACKED:  # its shape (ggml lists dimensions innermost first)
-            return torch.empty(tuple(int(n) for n in reversed(t.shape)), device="meta")
-        if t.tensor_type in (q.F32, q.F16):
-            return torch.from_numpy(np.array(data))
-        if t.tensor_type == q.BF16:
-            return torch.from_numpy(np.array(data).view(np.int16)).view(torch.bfloat16)
-        if t.tensor_type.name in _REPACKED:
-            _, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
-            shape = (*data.shape[:-1], data.shape[-1] // size, size)  # [..., N, K/block, block bytes]
-            blocks = torch.empty(shape, dtype=torch.uint8, device="meta") if meta else \
-                torch.from_numpy(np.array(data).reshape(shape))
-            return _REPACKED[t.tensor_type.name](blocks)
-        return torch.from_numpy(gguf.quants.dequantize(np.array(data), t.tensor_type).astype(np.float32))
+        kind = t.tensor_type.name
+        shape = tuple(int(n) for n in reversed(t.shape))  # [..., N, K] (ggml lists dimensions innermost first)
+        if kind not in _REPACKED and kind not in _STEPPED:
+            if meta:
+                dtype = {q.F16: torch.float16, q.BF16: torch.bfloat16}.get(t.tensor_type, torch.float32)
+                return torch.empty(shape, dtype=dtype, device="meta")
+            if t.tensor_type in (q.F32, q.F16):
+                return torch.from_numpy(np.array(data))
+            if t.tensor_type == q.BF16:
+                return torch.from_numpy(np.array(data).view(np.int16)).view(torch.bfloat16)
+            return torch.from_numpy(gguf.quants.dequantize(np.array(data), t.tensor_type).astype(np.float32))
+        _, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        block_shape = (*data.shape[:-1], data.shape[-1] // size, size)  # [..., N, K/block, block bytes]
+        rows = None if meta else np.array(data).reshape(-1, data.shape[-1])  # [rows, row bytes]
+        blocks = torch.empty(block_shape, dtype=torch.uint8, device="meta") if meta else \
+            torch.from_numpy(rows).reshape(block_shape)
+        if kind in _REPACKED:
+            return _REPACKED[kind](blocks)
+        step = _STEPPED[kind][1](blocks).flatten(-2)  # [..., N, K/G]
+        codes = torch.empty(shape, dtype=torch.int8, device="meta") if meta else \
+            _stepped_codes(kind, rows, step.reshape(-1, step.shape[-1]))
+        if codes is None:
+            raise ValueError(f"{self.path}: {kind} tensor {name!r} decodes to values that are not whole multiples "
+                             "of their block scales (a corrupt scale?)")
+        return QTensor("int8", codes.reshape(shape), step)
 
     def _target(self, name: str) -> str | None:
         if name in _GLOBAL:
@@ -258,6 +277,16 @@ class GGUFFile:
             if target is None:
                 raise ValueError(f"{self.path}: unexpected GGUF tensor {name!r} for architecture {ARCH!r}")
             yield target, self._value(name, meta)
+
+
+def _half(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    """The float16 at byte `at` of each block uint8 [..., size], as float32 [..., 1]."""
+    return blocks[..., at:at + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., n] -> its 2n nibbles, each byte's low one first: uint8 [..., 2n]."""
+    return torch.stack([x & 15, x >> 4], -1).flatten(-2)
 
 
 def _q8_0(blocks: torch.Tensor) -> QTensor:
@@ -325,8 +354,7 @@ def _k_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K / Q5_K super-blocks uint8 [..., N, K/256, size] (d f16, dmin f16, scales[12]: eight 6-bit scales sc and
     eight 6-bit mins m, ...) -> per 32-weight sub-block i the scale d * sc[i] and offset -dmin * m[i], each rounded
     to float16 (`_compact`): [..., N, K/32] each."""
-    d = blocks[..., 0:2].contiguous().view(torch.float16).float()  # [..., N, B, 1]
-    dmin = blocks[..., 2:4].contiguous().view(torch.float16).float()  # [..., N, B, 1]
+    d, dmin = _half(blocks, 0), _half(blocks, 2)  # [..., N, B, 1] each
     packed = blocks[..., 4:16].unflatten(-1, (3, 4))  # [..., N, B, 3, 4]
     lo, hi, mixed = packed[..., 0, :], packed[..., 1, :], packed[..., 2, :]  # [..., N, B, 4] each
     # Sub-blocks 0-3: 6 bits in the low bits of bytes 0-3 (scales) and 4-7 (mins). Sub-blocks 4-7: low 4 bits in
@@ -374,7 +402,7 @@ def _q6_k(blocks: torch.Tensor) -> QTensor:
     high = _crumbs(qh).flatten(-2)  # [..., N, B, half, 128]
     codes = (low | (high << 4)).to(torch.int8) - 32  # [..., N, B, half, 128], -32..31
     sc = blocks[..., 192:208].contiguous().view(torch.int8).float()  # [..., N, B, 16]
-    d = blocks[..., 208:210].contiguous().view(torch.float16).float()  # [..., N, B, 1]
+    d = _half(blocks, 208)  # [..., N, B, 1]
     return QTensor("int8", codes.reshape(*lead, -1), (d * sc).flatten(-2))
 
 
@@ -406,7 +434,7 @@ def _q3_k(blocks: torch.Tensor) -> QTensor:
     low = torch.cat([packed[..., :8] & 15, packed[..., :8] >> 4], -1)  # [..., N, B, 16]
     top = _crumbs(packed[..., None, 8:12]).flatten(-2)  # [..., N, B, 16]
     sc = (low | (top << 4)).float() - 32  # [..., N, B, 16]
-    d = blocks[..., 108:110].contiguous().view(torch.float16).float()  # [..., N, B, 1]
+    d = _half(blocks, 108)  # [..., N, B, 1]
     scale = (d * sc).flatten(-2)  # [..., N, K/16], exact in float32
     return QTensor("int4", _int4_groups_of_16(codes), *_compact(scale, scale * -4))
 
@@ -417,15 +445,91 @@ def _q2_k(blocks: torch.Tensor) -> QTensor:
     float16 rounding of llama.cpp's values). A block is scales[16], qs[64] (`_two_bit_codes`), d f16, dmin f16;
     weight value d * (sc[i] & 15) * q - dmin * (sc[i] >> 4) for sub-block i of 16."""
     sc = blocks[..., :16]  # [..., N, B, 16]
-    d, dmin = blocks[..., 80:84].contiguous().view(torch.float16).float().unsqueeze(-1).unbind(-2)  # [..., N, B, 1]
+    d, dmin = _half(blocks, 80), _half(blocks, 82)  # [..., N, B, 1] each
     scale = (d * (sc & 15).float()).flatten(-2)  # [..., N, K/16]
     offset = (-(dmin * (sc >> 4).float())).flatten(-2)
     return QTensor("int4", _int4_groups_of_16(_two_bit_codes(blocks[..., 16:80])), *_compact(scale, offset))
 
 
+_IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # IQ4_NL / IQ4_XS codes
+
+
+def _iq4_codes(qs: torch.Tensor) -> torch.Tensor:
+    """IQ4 code bytes uint8 [..., 16] (byte j: weight j's 4-bit index in its low nibble, weight j + 16's in its high
+    one) -> the values the indices name, int8 [..., 32]."""
+    table = torch.tensor(_IQ4_VALUES, dtype=torch.int8, device=qs.device)
+    return table[torch.cat([qs & 15, qs >> 4], -1).long()]
+
+
+def _iq4_nl(blocks: torch.Tensor) -> QTensor:
+    """IQ4_NL blocks uint8 [..., N, K/32, 18] (d f16, qs[16]; value d * table[index]) -> int8 QTensor with group 32,
+    codes table[index] (exact)."""
+    return QTensor("int8", _iq4_codes(blocks[..., 2:]).flatten(-2), _half(blocks, 0).squeeze(-1).half())
+
+
+def _iq4_xs(blocks: torch.Tensor) -> QTensor:
+    """IQ4_XS super-blocks uint8 [..., N, K/256, 136] -> int8 QTensor [..., N, K] with group 32, codes table[index]
+    and float32 scales d * (ls - 32) (exact). A block is d f16, scales_h u16, scales_l[4], qs[128]; sub-block i of 32
+    has the 6-bit ls with its low 4 bits in scales_l byte i // 2 (low nibble for even i) and its top 2 in scales_h at
+    bit 2i, and its indices in qs bytes 16i..16i + 15 as `_iq4_codes` reads them."""
+    lead = blocks.shape[:-2]  # [..., N]
+    high = blocks[..., 2:4].int()  # [..., N, B, 2]: scales_h, little-endian
+    high = ((high[..., :1] | (high[..., 1:] << 8)) >> torch.arange(0, 16, 2, device=blocks.device)) & 3  # [.., B, 8]
+    ls = _nibbles(blocks[..., 4:8]).int() | (high << 4)  # [..., N, B, 8]
+    codes = _iq4_codes(blocks[..., 8:].unflatten(-1, (8, 16)))  # [..., N, B, 8, 32]
+    return QTensor("int8", codes.reshape(*lead, -1), (_half(blocks, 0) * (ls - 32).float()).flatten(-2))
+
+
 # GGML types repacked into QTensors: blocks uint8 [..., N, K/block, block bytes] -> QTensor.
 _REPACKED = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q4_K": _q4_k, "Q5_K": _q5_k,
-             "Q6_K": _q6_k, "Q3_K": _q3_k, "Q2_K": _q2_k}
+             "Q6_K": _q6_k, "Q3_K": _q3_k, "Q2_K": _q2_k, "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs}
+
+
+def _iq1_m_step(blocks: torch.Tensor) -> torch.Tensor:
+    """IQ1_M super-blocks uint8 [..., B, 56] (qs[32], qh[16], scales u16[4]) -> the value of one code step (an
+    eighth of d * (2s + 1)) per 16 weights [..., B, 16]. d is a float16 made of the top nibbles of the four scales
+    words (word 0's is its lowest nibble); sub-block 4w + j has the 3-bit s at bit 3j of word w."""
+    words = blocks[..., 48:56].int()  # [..., B, 8]
+    words = words[..., 0::2] | (words[..., 1::2] << 8)  # [..., B, 4]
+    top = words >> 12  # [..., B, 4]: d's nibbles, least significant first
+    d = (top[..., 0] | (top[..., 1] << 4) | (top[..., 2] << 8) | (top[..., 3] << 12)).to(torch.int16)
+    d = d.view(torch.float16).float().unsqueeze(-1)  # [..., B, 1]
+    s = (words[..., None] >> torch.tensor([0, 3, 6, 9], device=blocks.device)) & 7  # [..., B, 4, 4]
+    return d * (2 * s.flatten(-2) + 1).float() / 8
+
+
+# GGML types whose values are a per-group step times a small integer, the integers read from lattice tables only
+# the gguf package's decoder holds: group size, and blocks uint8 [..., B, block bytes] -> that step per group
+# float32 [..., B, 256 / group]. Loading decodes such a tensor with the package and divides by the steps
+# (`_stepped_codes`), giving int8 codes that reproduce the decoded values exactly.
+_STEPPED = {
+    "IQ2_XXS": (32, lambda b: _half(b, 0) * ((b[..., 9:66:8] >> 4).float() + 0.5) * 0.25),
+    "IQ2_XS": (16, lambda b: _half(b, 0) * (_nibbles(b[..., 66:74]).float() + 0.5) * 0.25),
+    "IQ2_S": (16, lambda b: _half(b, 0) * (_nibbles(b[..., 74:82]).float() + 0.5) * 0.25),
+    "IQ3_XXS": (32, lambda b: _half(b, 0) * ((b[..., 69:98:4] >> 4).float() + 0.5) * 0.5),
+    "IQ3_S": (32, lambda b: _half(b, 0) * (2 * _nibbles(b[..., 106:110]).float() + 1)),
+    "IQ1_S": (32, lambda b: _half(b, 0) * (2 * ((b[..., 35:50:2] >> 4) & 7).float() + 1) / 8),
+    "IQ1_M": (16, _iq1_m_step),
+}
+
+
+def _stepped_codes(kind: str, rows: np.ndarray, step: torch.Tensor) -> torch.Tensor | None:
+    """Rows of `_STEPPED` blocks uint8 [R, row bytes] and their steps float32 [R, K/G] -> int8 codes [R, K] whose
+    products with the steps equal the gguf package's decoded values exactly, or None where some value is no such
+    multiple (a NaN scale, say). A few rows are decoded at a time, so the float copy stays small."""
+    gguf = _gguf()
+    group = _STEPPED[kind][0]
+    chunk = max(1, _DECODE_ELEMENTS // (step.shape[-1] * group))
+    codes = []
+    for i in range(0, len(rows), chunk):
+        s = step[i:i + chunk].unsqueeze(-1)  # [r, K/G, 1]
+        values = torch.from_numpy(gguf.quants.dequantize(rows[i:i + chunk], gguf.GGMLQuantizationType[kind]))
+        values = values.unflatten(-1, (-1, group))  # [r, K/G, G]
+        c = torch.where(s == 0, 0.0, values / s).round()
+        if not (torch.equal(c * s, values) and bool((c.abs() <= 127).all())):
+            return None
+        codes.append(c.to(torch.int8).flatten(-2))
+    return torch.cat(codes)
 
 
 def _regroup(q: QTensor, group: int) -> QTensor:
