@@ -435,10 +435,13 @@ def test_q2_k_and_q3_k_blocks_repack_into_int4_groups_of_16(qtype, d, dmin):
     assert np.all(np.abs(ours - ref) <= bound)
 
 
-# IQ types: their int8 group size, scale dtype and the largest code magnitude their tables hold.
-_IQ = {Q.IQ4_NL: (32, torch.float16, 127), Q.IQ4_XS: (32, torch.float32, 127), Q.IQ2_XXS: (32, torch.float32, 43),
-       Q.IQ2_XS: (16, torch.float32, 43), Q.IQ2_S: (16, torch.float32, 43), Q.IQ3_XXS: (32, torch.float32, 62),
-       Q.IQ3_S: (32, torch.float32, 15), Q.IQ1_S: (32, torch.float32, 9), Q.IQ1_M: (16, torch.float32, 9)}
+# IQ types: the format they load as, its group size and scale dtype, and the largest code magnitude (int8) or code
+# (int4) their tables hold.
+_IQ = {Q.IQ4_NL: ("int8", 32, torch.float16, 127), Q.IQ4_XS: ("int8", 32, torch.float32, 127),
+       Q.IQ2_XXS: ("int8", 32, torch.float32, 43), Q.IQ2_XS: ("int8", 16, torch.float32, 43),
+       Q.IQ2_S: ("int8", 16, torch.float32, 43), Q.IQ3_XXS: ("int8", 32, torch.float32, 62),
+       Q.IQ3_S: ("int4", 32, torch.float16, 15), Q.IQ1_S: ("int4", 32, torch.float16, 2),
+       Q.IQ1_M: ("int8", 16, torch.float32, 9)}
 
 
 @pytest.mark.parametrize("d", [0.01234, 2.0**-20, 1000.0])
@@ -454,14 +457,25 @@ def test_iq_blocks_become_int8_codes_that_decode_exactly(qtype, d, monkeypatch):
     if qtype.name in ours._REPACKED:  # IQ4: codes from the table by index, without the package
         q = ours._REPACKED[qtype.name](blocks)
     else:  # lattice types: the package decodes, the block scales divide
-        step = ours._STEPPED[qtype.name][1](blocks).flatten(-2)
-        q = QTensor("int8", ours._stepped_codes(qtype.name, raw.reshape(6, -1), step.reshape(6, -1)).reshape(2, 3, 512),
-                    step)
-    group, scale_dtype, top = _IQ[qtype]
-    assert (q.kind, q.group_size, tuple(q.shape), q.scale.dtype, q.offset) == ("int8", group, (2, 3, 512),
-                                                                                scale_dtype, None)
-    assert int(q.codes.abs().max()) == top  # steps read right: the codes span the type's table
-    np.testing.assert_array_equal(dequantize(q).numpy(), gguf.quants.dequantize(raw, qtype))
+        q = ours._stepped(qtype.name, blocks, raw.reshape(6, -1))
+    kind, group, scale_dtype, top = _IQ[qtype]
+    if qtype == Q.IQ3_S and d == 1000.0:
+        scale_dtype = torch.float32  # offsets up to 15 * 31 * d overflow float16, so both stay float32
+    assert (q.kind, q.group_size, tuple(q.shape), q.scale.dtype) == (kind, group, (2, 3, 512), scale_dtype)
+    ref = gguf.quants.dequantize(raw, qtype)
+    if kind == "int8":
+        assert q.offset is None and int(q.codes.abs().max()) == top  # steps read right: codes span the type's table
+        np.testing.assert_array_equal(dequantize(q).numpy(), ref)
+        return
+    # int4: the codes span 0..top; scale and offset per group are the step times the spacing and the lowest integer,
+    # rounded to float16, so values agree within that rounding. A misread step, spacing or lowest integer is off by
+    # at least a step, 2^11 / 15 times more.
+    codes = dequantize(QTensor("int4", q.codes, torch.ones_like(q.scale), torch.zeros_like(q.offset)))
+    assert int(codes.min()) == 0 and int(codes.max()) == top
+    scale = np.repeat(q.scale.float().numpy(), group, -1)
+    offset = np.repeat(q.offset.float().numpy(), group, -1)
+    bound = 2.0**-11 * (top * np.abs(scale) + np.abs(offset)) * (1 + 1e-3) + 1e-6 * np.abs(ref)
+    assert np.all(np.abs(dequantize(q).numpy() - ref) <= bound)
 
 
 def test_iq_values_that_are_not_multiples_of_their_steps_are_refused(wide_net, tmp_path, monkeypatch):
@@ -469,9 +483,13 @@ def test_iq_values_that_are_not_multiples_of_their_steps_are_refused(wide_net, t
 
     path = tmp_path / "model.gguf"
     write_gguf(path, wide_net, {"attn": Q.Q8_0, "gate_up": Q.IQ3_S, "down": Q.IQ3_S})
-    group, step = ours._STEPPED["IQ3_S"]
-    monkeypatch.setitem(ours._STEPPED, "IQ3_S", (group, lambda b: step(b) * 3))  # a misread scale
-    with pytest.raises(ValueError, match=r"IQ3_S tensor 'blk\.0\..*' decodes to values that are not whole multiples"):
+    group, step, affine = ours._STEPPED["IQ3_S"]
+    monkeypatch.setitem(ours._STEPPED, "IQ3_S", (group, lambda b: step(b) * 3, affine))  # a misread scale
+    with pytest.raises(ValueError, match=r"IQ3_S tensor 'blk\.0\..*' decodes to values that are not the whole multi"):
+        dgemma.load(path)
+    # Steps a third as large: the quotients are whole, but not the odd numbers -15..15 that int4 codes stand for.
+    monkeypatch.setitem(ours._STEPPED, "IQ3_S", (group, lambda b: step(b) / 3, affine))
+    with pytest.raises(ValueError, match=r"IQ3_S tensor 'blk\.0\..*' decodes to values that are not the whole multi"):
         dgemma.load(path)
 
 
@@ -547,7 +565,7 @@ def test_gguf_k_and_iq_quants_load_repacked_and_match_the_decoded_weights(wide_n
     formats = {Q.Q4_K: ("int4", 32, torch.float16), Q.Q6_K: ("int8", 16, torch.float32),
                Q.Q3_K: ("int4", 16, torch.float16), Q.Q2_K: ("int4", 16, torch.float16),
                **{t: ("int8", 32, torch.float16) for t in (Q.Q5_0, Q.Q5_1, Q.Q5_K)},
-               **{t: ("int8", group, dtype) for t, (group, dtype, _) in _IQ.items()}}
+               **{t: (kind, group, dtype) for t, (kind, group, dtype, _) in _IQ.items()}}
     net, layer = model.net, model.net.layers[1]
     for module, name, kind in [(layer.experts, "gate_up_proj", "gate_up"), (layer.experts, "down_proj", "down"),
                                (layer.mlp.down_proj, "weight", "mlp"), (net.self_conditioning.up_proj, "weight", "mlp"),
@@ -565,8 +583,10 @@ def test_gguf_k_and_iq_quants_load_repacked_and_match_the_decoded_weights(wide_n
     # gate and up of two kinds (decoded to float) and of two int4 groups (fused into groups of 16)
     ({"attn": Q.Q8_0, "mlp": Q.Q3_K, "gate": Q.Q4_K, "up": Q.Q6_K, "down": Q.Q2_K, "embed": Q.Q4_K}, True),
     ({"attn": Q.Q4_1, "mlp": Q.Q2_K, "gate": Q.Q4_K, "up": Q.Q3_K, "down": Q.Q3_K, "embed": Q.Q6_K}, True),
-    # IQ types: int8 codes, lattice ones read on the meta device; gate and up in groups of 32 and 16
-    ({"attn": Q.IQ4_NL, "mlp": Q.IQ2_XS, "gate": Q.IQ3_S, "up": Q.IQ1_M, "down": Q.IQ4_XS, "embed": Q.IQ2_XXS}, True),
+    # IQ types, the lattice ones' shapes on the meta device: int8 gate and up in groups of 32 and 16 (fused), then
+    # an int4 gate (IQ3_S) with an int8 up (decoded to float)
+    ({"attn": Q.IQ4_NL, "mlp": Q.IQ3_S, "gate": Q.IQ3_XXS, "up": Q.IQ1_M, "down": Q.IQ1_S, "embed": Q.IQ2_XXS}, True),
+    ({"attn": Q.IQ4_NL, "mlp": Q.IQ2_XS, "gate": Q.IQ3_S, "up": Q.IQ2_S, "down": Q.IQ4_XS, "embed": Q.IQ1_S}, True),
 ])
 def test_info_reports_a_gguf_files_resident_bytes_without_decoding(wide_net, tmp_path, capsys, types, split):
     from dgemma.cli import main

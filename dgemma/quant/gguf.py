@@ -41,6 +41,8 @@ by looking their 4-bit indices up in the type's value table; the lattice types I
 IQ1_S and IQ1_M, whose values are a per-group step times a small integer read from grids only the package holds, by
 decoding with the package a few rows at a time and dividing by the steps read from the blocks (`_STEPPED`; groups of
 32, or 16 for IQ2_XS, IQ2_S and IQ1_M; float32 steps; loading checks every quotient is a whole number that fits int8).
+IQ3_S (odd integers -15..15) and IQ1_S (three integers 8 apart per group) go on to int4 with group 32, scale and
+offset rounded to float16 as Q3_K's (checked to be evenly spaced as the type defines).
 F32, F16 and BF16 load as float; every other type the package can decode (TQ1_0, MXFP4, ...) is dequantized to float.
 The GGUF vocabulary is not read: a model loaded from GGUF takes token ids.
 Must not: write GGUF files or guess a mapping for other architectures.
@@ -236,13 +238,11 @@ class GGUFFile:
             torch.from_numpy(rows).reshape(block_shape)
         if kind in _REPACKED:
             return _REPACKED[kind](blocks)
-        step = _STEPPED[kind][1](blocks).flatten(-2)  # [..., N, K/G]
-        codes = torch.empty(shape, dtype=torch.int8, device="meta") if meta else \
-            _stepped_codes(kind, rows, step.reshape(-1, step.shape[-1]))
-        if codes is None:
-            raise ValueError(f"{self.path}: {kind} tensor {name!r} decodes to values that are not whole multiples "
-                             "of their block scales (a corrupt scale?)")
-        return QTensor("int8", codes.reshape(shape), step)
+        q = _stepped(kind, blocks, rows)
+        if q is None:
+            raise ValueError(f"{self.path}: {kind} tensor {name!r} decodes to values that are not the whole "
+                             "multiples of their block scales the type defines (a corrupt scale?)")
+        return q
 
     def _target(self, name: str) -> str | None:
         if name in _GLOBAL:
@@ -499,18 +499,53 @@ def _iq1_m_step(blocks: torch.Tensor) -> torch.Tensor:
 
 
 # GGML types whose values are a per-group step times a small integer, the integers read from lattice tables only
-# the gguf package's decoder holds: group size, and blocks uint8 [..., B, block bytes] -> that step per group
-# float32 [..., B, 256 / group]. Loading decodes such a tensor with the package and divides by the steps
-# (`_stepped_codes`), giving int8 codes that reproduce the decoded values exactly.
+# the gguf package's decoder holds: group size G, blocks uint8 [..., B, block bytes] -> that step per group
+# float32 [..., B, 256 / G], and for the types whose integers in a group are evenly spaced, 16 values at most, the
+# spacing and the lowest one per group (int8 codes [..., K/G, G] -> [..., K/G, 1]). Loading decodes such a tensor
+# with the package and divides by the steps (`_stepped_codes`), giving int8 codes that reproduce the decoded values
+# exactly; evenly spaced ones then become int4 (`_affine_int4`).
 _STEPPED = {
-    "IQ2_XXS": (32, lambda b: _half(b, 0) * ((b[..., 9:66:8] >> 4).float() + 0.5) * 0.25),
-    "IQ2_XS": (16, lambda b: _half(b, 0) * (_nibbles(b[..., 66:74]).float() + 0.5) * 0.25),
-    "IQ2_S": (16, lambda b: _half(b, 0) * (_nibbles(b[..., 74:82]).float() + 0.5) * 0.25),
-    "IQ3_XXS": (32, lambda b: _half(b, 0) * ((b[..., 69:98:4] >> 4).float() + 0.5) * 0.5),
-    "IQ3_S": (32, lambda b: _half(b, 0) * (2 * _nibbles(b[..., 106:110]).float() + 1)),
-    "IQ1_S": (32, lambda b: _half(b, 0) * (2 * ((b[..., 35:50:2] >> 4) & 7).float() + 1) / 8),
-    "IQ1_M": (16, _iq1_m_step),
+    "IQ2_XXS": (32, lambda b: _half(b, 0) * ((b[..., 9:66:8] >> 4).float() + 0.5) * 0.25, None),
+    "IQ2_XS": (16, lambda b: _half(b, 0) * (_nibbles(b[..., 66:74]).float() + 0.5) * 0.25, None),
+    "IQ2_S": (16, lambda b: _half(b, 0) * (_nibbles(b[..., 74:82]).float() + 0.5) * 0.25, None),
+    "IQ3_XXS": (32, lambda b: _half(b, 0) * ((b[..., 69:98:4] >> 4).float() + 0.5) * 0.5, None),
+    # odd integers -15..15
+    "IQ3_S": (32, lambda b: _half(b, 0) * (2 * _nibbles(b[..., 106:110]).float() + 1),
+              (2, lambda c: torch.full_like(c[..., :1], -15))),
+    # 8 * (g + delta) for g in -1, 0, 1 and one delta = +-1/8 per group: e - 8, e, e + 8 with e = +-1
+    "IQ1_S": (32, lambda b: _half(b, 0) * (2 * ((b[..., 35:50:2] >> 4) & 7).float() + 1) / 8,
+              (8, lambda c: (c[..., :1] + 9) % 8 - 9)),
+    "IQ1_M": (16, _iq1_m_step, None),
 }
+
+
+def _affine_int4(codes: torch.Tensor, step: torch.Tensor, spacing: int, lowest) -> QTensor | None:
+    """int8 codes [..., N, K] that are, in each group of G, lowest + spacing * c for c in 0..15, and their steps
+    [..., N, K/G] -> int4 QTensor with group G, scale spacing * step and offset lowest * step (each rounded to float16
+    by `_compact`, so within float16 rounding of the values); None where some code is not of that form."""
+    groups = codes.unflatten(-1, (step.shape[-1], -1))  # [..., N, K/G, G]
+    low = lowest(groups)  # [..., N, K/G, 1]
+    c = torch.div(groups - low, spacing, rounding_mode="floor")  # [..., N, K/G, G]
+    if codes.device.type != "meta" and not bool(((c * spacing + low == groups) & (c >= 0) & (c <= 15)).all()):
+        return None
+    packed = pack_int4(c.to(torch.uint8).flatten(-2), groups.shape[-1])  # [..., N, K/2]
+    return QTensor("int4", packed, *_compact(spacing * step, low.squeeze(-1).float() * step))
+
+
+def _stepped(kind: str, blocks: torch.Tensor, rows: np.ndarray | None) -> QTensor | None:
+    """A `_STEPPED` tensor's blocks uint8 [..., N, K/block, block bytes] and the same bytes as rows [R, row bytes]
+    (None on the meta device) -> int8 QTensor [..., N, K] with groups of G, or int4 for evenly spaced types; None
+    where the decoded values are not whole multiples of their steps (`_stepped_codes`) or, for int4, not evenly
+    spaced as the type's are."""
+    group, step_of, affine = _STEPPED[kind]
+    step = step_of(blocks).flatten(-2)  # [..., N, K/G]
+    shape = (*step.shape[:-1], step.shape[-1] * group)  # [..., N, K]
+    codes = torch.empty(shape, dtype=torch.int8, device="meta") if rows is None else \
+        _stepped_codes(kind, rows, step.reshape(-1, step.shape[-1]))
+    if codes is None:
+        return None
+    codes = codes.reshape(shape)
+    return QTensor("int8", codes, step) if affine is None else _affine_int4(codes, step, *affine)
 
 
 def _stepped_codes(kind: str, rows: np.ndarray, step: torch.Tensor) -> torch.Tensor | None:
