@@ -500,71 +500,56 @@ def _iq1_m_step(blocks: torch.Tensor) -> torch.Tensor:
 
 # GGML types whose values are a per-group step times a small integer, the integers read from lattice tables only
 # the gguf package's decoder holds: group size G, blocks uint8 [..., B, block bytes] -> that step per group
-# float32 [..., B, 256 / G], and for the types whose integers in a group are evenly spaced, 16 values at most, the
-# spacing and the lowest one per group (int8 codes [..., K/G, G] -> [..., K/G, 1]). Loading decodes such a tensor
-# with the package and divides by the steps (`_stepped_codes`), giving int8 codes that reproduce the decoded values
-# exactly; evenly spaced ones then become int4 (`_affine_int4`).
+# float32 [..., B, 256 / G], and, for the types whose integers in a group are evenly spaced, 16 at most, the spacing
+# and blocks -> the lowest integer per group int [..., B, 256 / G]. Loading decodes such a tensor with the package
+# and divides by the steps (`_stepped`), giving int8 codes that reproduce the decoded values exactly; evenly spaced
+# ones become int4 codes (integer - lowest) / spacing, with scale spacing * step and offset lowest * step.
 _STEPPED = {
     "IQ2_XXS": (32, lambda b: _half(b, 0) * ((b[..., 9:66:8] >> 4).float() + 0.5) * 0.25, None),
     "IQ2_XS": (16, lambda b: _half(b, 0) * (_nibbles(b[..., 66:74]).float() + 0.5) * 0.25, None),
     "IQ2_S": (16, lambda b: _half(b, 0) * (_nibbles(b[..., 74:82]).float() + 0.5) * 0.25, None),
     "IQ3_XXS": (32, lambda b: _half(b, 0) * ((b[..., 69:98:4] >> 4).float() + 0.5) * 0.5, None),
-    # odd integers -15..15
+    # the odd integers -15..15
     "IQ3_S": (32, lambda b: _half(b, 0) * (2 * _nibbles(b[..., 106:110]).float() + 1),
-              (2, lambda c: torch.full_like(c[..., :1], -15))),
-    # 8 * (g + delta) for g in -1, 0, 1 and one delta = +-1/8 per group: e - 8, e, e + 8 with e = +-1
+              (2, lambda b: torch.full((*b.shape[:-1], 8), -15, device=b.device))),
+    # 8 * (g + delta) for g in -1, 0, 1 and delta = 1/8, or -1/8 where bit 15 of the group's qh word is set
     "IQ1_S": (32, lambda b: _half(b, 0) * (2 * ((b[..., 35:50:2] >> 4) & 7).float() + 1) / 8,
-              (8, lambda c: (c[..., :1] + 9) % 8 - 9)),
+              (8, lambda b: -7 - 2 * (b[..., 35:50:2] >> 7).int())),
     "IQ1_M": (16, _iq1_m_step, None),
 }
-
-
-def _affine_int4(codes: torch.Tensor, step: torch.Tensor, spacing: int, lowest) -> QTensor | None:
-    """int8 codes [..., N, K] that are, in each group of G, lowest + spacing * c for c in 0..15, and their steps
-    [..., N, K/G] -> int4 QTensor with group G, scale spacing * step and offset lowest * step (each rounded to float16
-    by `_compact`, so within float16 rounding of the values); None where some code is not of that form."""
-    groups = codes.unflatten(-1, (step.shape[-1], -1))  # [..., N, K/G, G]
-    low = lowest(groups)  # [..., N, K/G, 1]
-    c = torch.div(groups - low, spacing, rounding_mode="floor")  # [..., N, K/G, G]
-    if codes.device.type != "meta" and not bool(((c * spacing + low == groups) & (c >= 0) & (c <= 15)).all()):
-        return None
-    packed = pack_int4(c.to(torch.uint8).flatten(-2), groups.shape[-1])  # [..., N, K/2]
-    return QTensor("int4", packed, *_compact(spacing * step, low.squeeze(-1).float() * step))
 
 
 def _stepped(kind: str, blocks: torch.Tensor, rows: np.ndarray | None) -> QTensor | None:
     """A `_STEPPED` tensor's blocks uint8 [..., N, K/block, block bytes] and the same bytes as rows [R, row bytes]
     (None on the meta device) -> int8 QTensor [..., N, K] with groups of G, or int4 for evenly spaced types; None
-    where the decoded values are not whole multiples of their steps (`_stepped_codes`) or, for int4, not evenly
-    spaced as the type's are."""
+    where a decoded value is not a whole multiple of its step, or its integer not one the type's spacing allows (a
+    corrupt scale, say). A few rows are decoded at a time, so the float copy stays small."""
+    gguf = _gguf()
     group, step_of, affine = _STEPPED[kind]
     step = step_of(blocks).flatten(-2)  # [..., N, K/G]
-    shape = (*step.shape[:-1], step.shape[-1] * group)  # [..., N, K]
-    codes = torch.empty(shape, dtype=torch.int8, device="meta") if rows is None else \
-        _stepped_codes(kind, rows, step.reshape(-1, step.shape[-1]))
-    if codes is None:
-        return None
-    codes = codes.reshape(shape)
-    return QTensor("int8", codes, step) if affine is None else _affine_int4(codes, step, *affine)
-
-
-def _stepped_codes(kind: str, rows: np.ndarray, step: torch.Tensor) -> torch.Tensor | None:
-    """Rows of `_STEPPED` blocks uint8 [R, row bytes] and their steps float32 [R, K/G] -> int8 codes [R, K] whose
-    products with the steps equal the gguf package's decoded values exactly, or None where some value is no such
-    multiple (a NaN scale, say). A few rows are decoded at a time, so the float copy stays small."""
-    gguf = _gguf()
-    group = _STEPPED[kind][0]
-    chunk = max(1, _DECODE_ELEMENTS // (step.shape[-1] * group))
-    codes = []
-    for i in range(0, len(rows), chunk):
-        s = step[i:i + chunk].unsqueeze(-1)  # [r, K/G, 1]
-        values = torch.from_numpy(gguf.quants.dequantize(rows[i:i + chunk], gguf.GGMLQuantizationType[kind]))
-        values = values.unflatten(-1, (-1, group))  # [r, K/G, G]
-        c = torch.where(s == 0, 0.0, values / s).round()
-        if not (torch.equal(c * s, values) and bool((c.abs() <= 127).all())):
-            return None
-        codes.append(c.to(torch.int8).flatten(-2))
-    return torch.cat(codes)
+    lead, k = step.shape[:-1], step.shape[-1] * group
+    low = None if affine is None else affine[1](blocks).flatten(-2)  # [..., N, K/G]
+    width, dtype = (k, torch.int8) if affine is None else (k // 2, torch.uint8)
+    codes = torch.empty((*lead, width), dtype=dtype, device=blocks.device)  # [..., N, K or K/2]
+    if rows is not None:
+        flat_codes, flat_step = codes.view(-1, width), step.reshape(-1, step.shape[-1])  # [R, ...]
+        chunk = max(1, _DECODE_ELEMENTS // k)
+        for i in range(0, len(rows), chunk):
+            s = flat_step[i:i + chunk].unsqueeze(-1)  # [r, K/G, 1]
+            values = torch.from_numpy(gguf.quants.dequantize(rows[i:i + chunk], gguf.GGMLQuantizationType[kind]))
+            values = values.unflatten(-1, (-1, group))  # [r, K/G, G]
+            c = torch.where(s == 0, 0.0, values / s).round()  # the integers, [r, K/G, G]
+            if not (torch.equal(c * s, values) and bool((c.abs() <= 127).all())):
+                return None
+            if affine is not None:
+                c = (c - low.reshape(-1, low.shape[-1])[i:i + chunk].unsqueeze(-1)) / affine[0]  # 0..15 if valid
+                if not bool(((c == c.round()) & (c >= 0) & (c <= 15)).all()):
+                    return None
+                c = pack_int4(c.to(torch.uint8).flatten(-2), group)
+            flat_codes[i:i + chunk] = c.flatten(-2) if affine is None else c
+    if affine is None:
+        return QTensor("int8", codes, step)
+    return QTensor("int4", codes, *_compact(affine[0] * step, low.float() * step))
 
 
 def _regroup(q: QTensor, group: int) -> QTensor:
