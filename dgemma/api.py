@@ -176,7 +176,8 @@ class Model:
     # ---- text helpers ------------------------------------------------------------------------------------------
     def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
-            raise ValueError("this checkpoint has no tokenizer.json; pass token ids to generate() instead")
+            raise ValueError("this checkpoint has no tokenizer.json; pass token ids to generate(), or load it with "
+                             "load(..., tokenizer=DIR_OR_REPO_ID)")
         return self.tokenizer
 
     def complete(self, text: str | list[str], **kw) -> TextResult:
@@ -209,16 +210,34 @@ def model_path(path_or_repo_id: str | os.PathLike | None) -> str:
                      "(`dgemma init DIR` writes a random one)")
 
 
-def load(path_or_repo_id: str | os.PathLike | None = None, device=None, dtype=None) -> Model:
+def load_tokenizer(path_or_repo_id: str | os.PathLike, vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer of a directory, its tokenizer.json, or a Hub repo id (only its tokenizer and config files are
+    downloaded); with `vocab_size`, checked to fit a model with that many token ids."""
+    path = Path(path_or_repo_id).expanduser()
+    path = path.parent if path.is_file() and path.name == "tokenizer.json" else path
+    tok = Tokenizer.from_dir(path if path.is_dir() else checkpoint.resolve(path_or_repo_id, weights=False))
+    if tok is None:
+        raise ValueError(f"{path_or_repo_id}: no tokenizer.json")
+    if vocab_size is not None and tok.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer {path_or_repo_id} has {tok.vocab_size} token ids; the model has {vocab_size}")
+    return tok
+
+
+def load(path_or_repo_id: str | os.PathLike | None = None, device=None, dtype=None,
+         tokenizer: str | os.PathLike | None = None) -> Model:
     """Load a checkpoint directory (or a Hub repo id, downloaded on first use; or a .gguf file; default: the bundled
     model) onto `device` in `dtype` (default: the checkpoint's stored dtype). Quantized and FP8 directories keep their
-    weight format."""
+    weight format. `tokenizer` (a directory or Hub repo id, `load_tokenizer`) replaces the checkpoint's own; a .gguf
+    file's vocabulary is not read, so this is how a GGUF model takes text."""
     path_or_repo_id = model_path(path_or_repo_id)
     device = torch.device(device if device is not None else "cpu")
     if quant.is_gguf(path_or_repo_id):
-        return Model(*quant.load_gguf(path_or_repo_id, device, _dtype(dtype)))
-    path = checkpoint.resolve(path_or_repo_id)
-    cfg, settings = checkpoint.read_config(path)
-    load_weights = quant.weight_loader(path) or checkpoint.load_weights
-    net = load_weights(path, cfg, _dtype(dtype), device)
-    return Model(net, settings, Tokenizer.from_dir(path), path)
+        net, settings, tok, path = quant.load_gguf(path_or_repo_id, device, _dtype(dtype))
+    else:
+        path = checkpoint.resolve(path_or_repo_id)
+        cfg, settings = checkpoint.read_config(path)
+        load_weights = quant.weight_loader(path) or checkpoint.load_weights
+        net, tok = load_weights(path, cfg, _dtype(dtype), device), Tokenizer.from_dir(path)
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer, net.config.vocab_size)
+    return Model(net, settings, tok, path)

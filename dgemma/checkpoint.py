@@ -40,9 +40,9 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message names the file or tensor."""
 
 
-def resolve(path_or_repo_id: str | os.PathLike) -> Path:
-    """A local directory for `path_or_repo_id`, downloading a Hub repo's json/safetensors/tokenizer files if the
-    argument is not an existing path."""
+def resolve(path_or_repo_id: str | os.PathLike, weights: bool = True) -> Path:
+    """A local directory for `path_or_repo_id`, downloading a Hub repo's json/safetensors/tokenizer files (without
+    `weights`, no safetensors) if the argument is not an existing path."""
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path
@@ -53,7 +53,7 @@ def resolve(path_or_repo_id: str | os.PathLike) -> Path:
         raise CheckpointError(f"no checkpoint directory at {text}")
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+    patterns = ["*.json", "*.jinja", "tokenizer*"] + (["*.safetensors"] if weights else [])
     return Path(snapshot_download(text, allow_patterns=patterns))
 
 

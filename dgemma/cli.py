@@ -16,7 +16,7 @@ import time
 import torch
 
 from . import checkpoint, quant
-from .api import Model, load, model_path
+from .api import Model, load, load_tokenizer, model_path
 from .config import PRESET_NAMES, GenerationSettings, preset
 from .model.diffusion_gemma import DiffusionGemma
 from .tokenizer import Tokenizer
@@ -28,6 +28,9 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: as stored)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR_OR_ID",
+                   help="use this directory's or Hub repo's tokenizer instead of the checkpoint's own (a .gguf "
+                        "file's vocabulary is not read)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,7 +125,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_run(args) -> int:
-    model: Model = load(args.model, device=args.device, dtype=args.dtype)
+    model: Model = load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
     kw = dict(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps, entropy_bound=args.entropy_bound,
               seed=args.seed)
     start = time.perf_counter()
@@ -133,7 +136,7 @@ def cmd_run(args) -> int:
     else:
         if model.tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer (no tokenizer.json; a .gguf file's vocabulary is not "
-                             "read): pass the prompt as token ids with --ids")
+                             "read): pass a tokenizer with --tokenizer DIR_OR_ID, or the prompt as token ids with --ids")
         if args.chat:
             out = model.chat([{"role": "user", "content": args.prompt}], thinking=args.thinking, **kw)
         else:
@@ -172,7 +175,10 @@ def cmd_info(args) -> int:
     weight_bytes = sum(t.numel() for t in net.state_dict().values()) * dtype.itemsize
     total, active = cfg.parameter_counts()
     kinds = {k: cfg.layer_types.count(k) for k in sorted(set(cfg.layer_types))}
-    tok = None if gguf else Tokenizer.from_dir(path)
+    if args.tokenizer:
+        tok = load_tokenizer(args.tokenizer, cfg.vocab_size)
+    else:
+        tok = None if gguf else Tokenizer.from_dir(path)
     data = {
         "path": str(path), "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "layers": cfg.num_hidden_layers, "layer_types": kinds, "attention_heads": cfg.num_attention_heads,
@@ -279,15 +285,16 @@ def cmd_serve(args) -> int:
     except ImportError as err:
         raise ValueError(f"serving needs the serve extra: pip install 'dgemma[serve]' ({err})") from None
     return serve(model_path(args.model), host=args.host, port=args.port, api_key=args.api_key, device=args.device,
-                 dtype=args.dtype, max_queue=args.max_queue, max_batch=args.max_batch, max_tokens=args.max_tokens)
+                 dtype=args.dtype, tokenizer=args.tokenizer, max_queue=args.max_queue, max_batch=args.max_batch,
+                 max_tokens=args.max_tokens)
 
 
 def cmd_chat(args) -> int:
     from .serve.chat import chat
 
-    return chat(load(args.model, device=args.device, dtype=args.dtype), sys.stdin, sys.stdout,
-                max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps, seed=args.seed,
-                thinking=args.thinking)
+    model = load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+    return chat(model, sys.stdin, sys.stdout, max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps,
+                seed=args.seed, thinking=args.thinking)
 
 
 def main(argv: list[str] | None = None) -> int:

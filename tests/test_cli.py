@@ -78,8 +78,29 @@ def test_text_prompt_without_a_tokenizer_points_to_ids(tiny_dir, tmp_path, capsy
     (bare / "tokenizer.json").unlink()
     assert main(["run", "hello", "--model", str(bare)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "has no tokenizer" in err and "--ids" in err and len(err.splitlines()) == 1
+    assert "has no tokenizer" in err and "--tokenizer" in err and "--ids" in err and len(err.splitlines()) == 1
     assert main(["run", "5 6", "--ids", "--model", str(bare), "--max-new-tokens", "3", "--steps", "2"]) == 0
+
+
+def test_a_tokenizer_can_come_from_elsewhere(tiny_dir, tmp_path, capsys):
+    from dgemma.api import BUNDLED
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_dir, bare)
+    (bare / "tokenizer.json").unlink()
+    args = ["run", "hello", "--max-new-tokens", "6", "--steps", "3", "--seed", "0", "--json"]
+    assert main(args + ["--model", str(tiny_dir)]) == 0
+    own = json.loads(capsys.readouterr().out)
+    for tokenizer in (tiny_dir, tiny_dir / "tokenizer.json"):  # a directory, or its tokenizer.json
+        assert main(args + ["--model", str(bare), "--tokenizer", str(tokenizer)]) == 0
+        assert json.loads(capsys.readouterr().out)["text"] == own["text"]
+    assert main(["info", "--model", str(bare), "--tokenizer", str(tiny_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokenizer"] is True
+    # A directory without one, and a tokenizer with more ids than the model has, are refused by name.
+    assert main(args + ["--model", str(tiny_dir), "--tokenizer", str(bare)]) == 2
+    assert f"{bare}: no tokenizer.json" in capsys.readouterr().err
+    assert main(args + ["--model", str(tiny_dir), "--tokenizer", str(BUNDLED)]) == 2
+    assert "has 2048 token ids; the model has 512" in capsys.readouterr().err
 
 
 def test_console_script_is_installed(tiny_dir):
@@ -109,3 +130,24 @@ def test_load_without_a_path_loads_the_bundled_model(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no model given and this install has no bundled model"):
         dgemma.load()
     assert main(["run", "x"]) == 2
+
+
+def test_a_hub_tokenizer_downloads_no_weights(tiny_dir, monkeypatch):
+    import huggingface_hub
+
+    from dgemma import checkpoint
+    from dgemma.api import load_tokenizer
+
+    asked = []
+
+    def fake_download(repo_id, allow_patterns):  # stands in for the Hub: no network in tests
+        asked.append((repo_id, allow_patterns))
+        return str(tiny_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    tok = load_tokenizer("org/model", vocab_size=512)
+    assert tok.encode("hello") == load_tokenizer(tiny_dir).encode("hello")
+    assert checkpoint.resolve("org/model") == tiny_dir
+    (_, tokenizer_patterns), (_, checkpoint_patterns) = asked
+    assert "*.safetensors" in checkpoint_patterns and "*.safetensors" not in tokenizer_patterns
+    assert {"tokenizer*", "*.json", "*.jinja"} <= set(tokenizer_patterns)

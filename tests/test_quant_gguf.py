@@ -280,6 +280,21 @@ def test_gguf_loads_and_matches_the_decoded_weights(tiny_net, tmp_path, types, s
     assert model.parameter_bytes() < Model(tiny_net).parameter_bytes() / 2  # float32 twin
 
 
+def test_a_gguf_model_takes_text_with_a_tokenizer_from_a_directory(tiny_net, tmp_path, float32_products):
+    from dgemma import checkpoint
+    from dgemma.config import GenerationSettings
+    from dgemma.tokenizer import Tokenizer
+
+    path = tmp_path / "model.gguf"
+    twin = write_gguf(path, tiny_net, {"attn": Q.Q8_0, "gate_up": Q.Q8_0, "down": Q.Q8_0})
+    tok_dir = checkpoint.save(twin, GenerationSettings(), tmp_path / "twin", tokenizer=Tokenizer.byte_level())
+    model = dgemma.load(path, tokenizer=tok_dir)
+    assert dgemma.load(path).tokenizer is None and model.tokenizer is not None
+    kw = dict(max_new_tokens=8, max_denoising_steps=3, seed=0)
+    assert model.complete("def f(x):", **kw).result.token_ids == \
+        dgemma.load(tok_dir).complete("def f(x):", **kw).result.token_ids
+
+
 def test_gguf_can_be_converted_to_a_quantized_directory(tiny_net, tmp_path):
     write_gguf(tmp_path / "m.gguf", tiny_net, {"attn": Q.Q8_0, "gate_up": Q.Q8_0, "down": Q.Q8_0})
     dgemma.quant.quantize(tmp_path / "m.gguf", tmp_path / "q", "int8", progress=False)

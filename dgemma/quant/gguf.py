@@ -44,7 +44,8 @@ decoding with the package a few rows at a time and dividing by the steps read fr
 IQ3_S (odd integers -15..15) and IQ1_S (three integers 8 apart per group) go on to int4 with group 32, scale and
 offset rounded to float16 as Q3_K's (checked to be evenly spaced as the type defines).
 F32, F16 and BF16 load as float; every other type the package can decode (TQ1_0, MXFP4, ...) is dequantized to float.
-The GGUF vocabulary is not read: a model loaded from GGUF takes token ids.
+The GGUF vocabulary is not read: a model loaded from GGUF takes token ids, or text through a tokenizer given to
+`dgemma.load(..., tokenizer=...)`.
 Must not: write GGUF files or guess a mapping for other architectures.
 """
 

@@ -201,7 +201,7 @@ def create_app(model: Model, config: ServeConfig | None = None) -> FastAPI:
     """A FastAPI app serving `model`. Its scheduler thread starts with the first request and stops at shutdown."""
     config = config or ServeConfig()
     if model.tokenizer is None:
-        raise ValueError("serving needs a checkpoint with tokenizer.json")
+        raise ValueError("serving needs a tokenizer: a checkpoint with tokenizer.json, or --tokenizer DIR_OR_ID")
     tok = model.tokenizer
     cfg = model.config
     pieces: dict[int, str] = {}
@@ -677,13 +677,13 @@ async def _guarded(frames):
 
 
 def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          device=None, dtype=None, **limits) -> int:
+          device=None, dtype=None, tokenizer=None, **limits) -> int:
     """Load the checkpoint and serve it with uvicorn until interrupted."""
     import uvicorn
 
     from ..api import load
 
-    model = load(model_path, device=device, dtype=dtype)
+    model = load(model_path, device=device, dtype=dtype, tokenizer=tokenizer)
     name = Path(model_path).name if Path(model_path).is_dir() else str(model_path)  # a directory's name or a Hub id
     app = create_app(model, ServeConfig(model_name=name, api_key=api_key, **limits))
     uvicorn.run(app, host=host, port=port, log_level="info")

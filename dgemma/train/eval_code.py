@@ -495,7 +495,7 @@ def format_table(report: dict) -> str:
 
 def cmd_eval_code(args) -> int:
     """`dgemma eval-code`: load the model, evaluate, print the table (or one JSON object with --json)."""
-    model = load(args.model, device=args.device, dtype=args.dtype)
+    model = load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
     report = evaluate(model, limit=args.limit, seed=args.seed, steps=args.steps,
                       max_prefix_tokens=args.max_prefix_tokens, max_new_tokens=args.max_new_tokens,
                       best_of=args.best_of, progress=True)
