@@ -305,9 +305,9 @@ def test_gguf_can_be_converted_to_a_quantized_directory(tiny_net, tmp_path):
 def test_gguf_conversion_progress_totals_what_loading_yields(wide_net, tmp_path):
     from dgemma.quant.gguf import GGUFFile
 
-    # Types whose loaded bytes differ from the file's: Q3_K and IQ2_XS grow when repacked, Q4_K gate with Q6_K up and
-    # TQ2_0 are decoded to float.
-    types = {"attn": Q.Q8_0, "mlp": Q.IQ2_XS, "gate": Q.Q4_K, "up": Q.Q6_K, "down": Q.Q3_K, "embed": Q.TQ2_0}
+    # Types whose loaded bytes differ from the file's: Q3_K and IQ2_XS grow when repacked, a Q4_K gate with a Q6_K up
+    # fuses into int8, an F16 gate with a Q6_K up and TQ2_0 are decoded to float.
+    types = {"attn": Q.Q8_0, "mlp": Q.IQ2_XS, "gate": Q.F16, "up": Q.Q6_K, "down": Q.Q3_K, "embed": Q.TQ2_0}
     write_gguf(tmp_path / "m.gguf", wide_net, types, split_experts=True)
     summary = dgemma.quant.quantize(tmp_path / "m.gguf", tmp_path / "q", "int8", progress=False)
     source = GGUFFile(tmp_path / "m.gguf")
@@ -521,6 +521,21 @@ def test_int4_experts_of_different_groups_fuse_into_the_smaller_groups():
     np.testing.assert_array_equal(dequantize(fused).numpy(), expected)
 
 
+def test_int4_and_int8_experts_fuse_into_int8():
+    from dgemma.quant.formats import dequantize
+    from dgemma.quant.gguf import _fuse, _q3_k, _q8_0
+
+    gate_raw = _random_blocks(Q.Q3_K, (2, 3), 256, {108: 2.0**-6}, seed=12)
+    up_float = torch.randn(2, 3, 256, generator=torch.Generator().manual_seed(13))
+    up_raw = gguf.quants.quantize(up_float.numpy(), Q.Q8_0)
+    fused = _fuse(_q3_k(torch.from_numpy(gate_raw).unflatten(-1, (1, 110))),
+                  _q8_0(torch.from_numpy(up_raw).unflatten(-1, (-1, 34))))
+    assert (fused.kind, fused.group_size, tuple(fused.shape)) == ("int8", 16, (2, 6, 256))
+    assert int(fused.codes[:, :3].min()) >= 0 and int(fused.codes[:, :3].max()) <= 7  # Q3_K's codes, as they were
+    expected = np.concatenate([gguf.quants.dequantize(gate_raw, Q.Q3_K), gguf.quants.dequantize(up_raw, Q.Q8_0)], 1)
+    np.testing.assert_array_equal(dequantize(fused).numpy(), expected)
+
+
 def test_q5_k_and_q6_k_experts_fuse_into_int8_with_offsets():
     from dgemma.quant.formats import dequantize
     from dgemma.quant.gguf import _fuse, _q5_k, _q6_k
@@ -595,8 +610,10 @@ def test_gguf_k_and_iq_quants_load_repacked_and_match_the_decoded_weights(wide_n
 @pytest.mark.parametrize("types, split", [
     ({"attn": Q.Q8_0, "mlp": Q.Q6_K, "gate_up": Q.Q4_K, "down": Q.Q6_K, "embed": Q.Q4_K}, False),
     ({"attn": Q.Q5_0, "mlp": Q.Q5_1, "gate_up": Q.Q5_K, "down": Q.Q4_1, "embed": Q.Q4_0}, False),
-    # gate and up of two kinds (decoded to float) and of two int4 groups (fused into groups of 16)
+    # gate and up: int4 and int8 (fused into int8), float and int8 (decoded to float), two int4 groups (fused into
+    # groups of 16)
     ({"attn": Q.Q8_0, "mlp": Q.Q3_K, "gate": Q.Q4_K, "up": Q.Q6_K, "down": Q.Q2_K, "embed": Q.Q4_K}, True),
+    ({"attn": Q.Q8_0, "mlp": Q.Q3_K, "gate": Q.F16, "up": Q.Q6_K, "down": Q.Q2_K, "embed": Q.Q4_K}, True),
     ({"attn": Q.Q4_1, "mlp": Q.Q2_K, "gate": Q.Q4_K, "up": Q.Q3_K, "down": Q.Q3_K, "embed": Q.Q6_K}, True),
     # IQ types, the lattice ones' shapes on the meta device: int8 gate and up in groups of 32 and 16 (fused), then
     # an int4 gate (IQ3_S) with an int8 up (decoded to float)

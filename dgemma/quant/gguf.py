@@ -35,8 +35,8 @@ only: Q4_K -> int4 and Q5_K -> int8 (codes 0..31), both with group 32, scale d *
 llama.cpp's values, not bit-exact); Q6_K -> int8 codes q - 32 with group 16 and float32 scales d * sc (exact); Q3_K
 and Q2_K (3- and 2-bit codes in sub-blocks of 16) -> int4 with group 16, float16 scales and offsets (0.75 bytes per
 weight; within float16 rounding, as Q4_K). Scales or offsets that would overflow float16 stay float32. Gate and up
-experts of one kind (int8 or int4) whose groups divide each other fuse into the smaller group; other mixes load as
-float. IQ types become int8 codes, exact: IQ4_NL (float16 scale d per 32) and IQ4_XS (float32 d * (ls - 32) per 32)
+experts of one kind (int8 or int4; an int4 half next to an int8 one becomes int8, exact) whose groups divide each
+other fuse into the smaller group; other mixes (a float half) load as float. IQ types become int8 codes, exact: IQ4_NL (float16 scale d per 32) and IQ4_XS (float32 d * (ls - 32) per 32)
 by looking their 4-bit indices up in the type's value table; the lattice types IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S,
 IQ1_S and IQ1_M, whose values are a per-group step times a small integer read from grids only the package holds, by
 decoding with the package a few rows at a time and dividing by the steps read from the blocks (`_STEPPED`; groups of
@@ -566,7 +566,11 @@ def _fuse(gate: QTensor | torch.Tensor, up: QTensor | torch.Tensor) -> QTensor |
     """Stack gate [E, I, H] and up [E, I, H] rows into gate_up [E, 2I, H], keeping a shared quantized format. Halves
     of one kind with different groups (int8: Q5_K's 32, Q6_K's 16; int4: Q4_K's 32, Q2_K / Q3_K's 16) share the
     smaller one, the coarser scales (and offsets) repeated, and an int8 half without offsets gets zero ones next to a
-    half with them (exact); other mixes are dequantized to float."""
+    half with them (exact); an int4 half next to an int8 one becomes int8 (its codes 0..15, exact); other mixes are
+    dequantized to float."""
+    if isinstance(gate, QTensor) and isinstance(up, QTensor) and {gate.kind, up.kind} == {"int8", "int4"}:
+        gate, up = (x if x.kind == "int8" else QTensor("int8", unpack_int4(x.codes, x.group_size).to(torch.int8),
+                                                       x.scale, x.offset) for x in (gate, up))
     if isinstance(gate, QTensor) and isinstance(up, QTensor) and gate.kind == up.kind and gate.kind in ("int8", "int4"):
         group = min(gate.group_size, up.group_size)
         if gate.group_size != up.group_size and gate.group_size % group == 0 and up.group_size % group == 0:
