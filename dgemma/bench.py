@@ -14,8 +14,9 @@ What is measured, per implementation and batch size (the median over `repeat` ru
 - decode tokens/s = new tokens / denoising time. The denoising time comes from a timestamp taken after every
   denoising step (our `on_step` callback; the reference's draft streamer): one step costs the mean gap between
   consecutive steps of a canvas, and a canvas's denoising time is its step count times that. Prompt encoding and
-  the commits between canvases are thus left out. For autoregressive decoding it is the whole call minus a
-  separately timed prefill (one `encode` of the prompts).
+  the commits between canvases are thus left out. For autoregressive decoding a token step likewise costs the mean
+  gap between consecutive tokens reaching the host, leaving out the prefill and the first token step (where a GPU
+  captures its CUDA graph), and the decode time is that step times the passes after the prefill.
 - end-to-end tokens/s = new tokens / wall time of the whole generate call (prompt encoding included).
 - ms per step: one batched denoising step (autoregressive: one forward after the prefill).
 - tokens per forward: per row, generated tokens / decoder passes (the engine's own statistic), averaged.
@@ -48,8 +49,6 @@ import torch
 from .api import Model, _dtype, load
 from .config import PRESET_NAMES, GenerationSettings, ModelConfig, preset
 from .engine.ar import ar_generate
-from .engine.cache import KVCache
-from .engine.generate import pad_prompts
 from .model.diffusion_gemma import DiffusionGemma
 from .quant.formats import INT4_GROUP_SIZES
 from .quant.modules import is_quantized, quantize_model
@@ -352,29 +351,22 @@ def _run_reference(ref, prompts: list[list[int]], kw: dict, seed: int, device: t
     return Run(seconds, step * sum(steps), step, steps, [steps] * len(prompts), per_forward, mem.bytes)
 
 
-def _run_ar(net: DiffusionGemma, prompts: list[list[int]], new_tokens: int, prefill: float) -> Run:
+def _run_ar(net: DiffusionGemma, prompts: list[list[int]], new_tokens: int) -> Run:
+    """One `ar_generate` call. A token step costs the mean gap between consecutive tokens reaching the host, leaving
+    out the prefill and the first token step (which captures the CUDA graph on a GPU); the decode time is that step
+    times the passes after the prefill."""
     device = net.device
+    stamps: list[float] = []
     with PeakMemory(device) as mem:
         _sync(device)
         start = time.perf_counter()
-        result = ar_generate(net, prompts, new_tokens, stop_ids=[])
+        result = ar_generate(net, prompts, new_tokens, stop_ids=[], on_token=lambda: stamps.append(time.perf_counter()))
         _sync(device)
         seconds = time.perf_counter() - start
-    decode = max(seconds - prefill, 1e-9)
-    step = decode / max(result.forwards - 1, 1)
+    timed = stamps[1:] if len(stamps) > 2 else stamps  # a 2-token warm-up run has no clean gap
+    step = (timed[-1] - timed[0]) / max(len(timed) - 1, 1)
     per_forward = statistics.fmean(len(row) / result.forwards for row in result.token_ids)
-    return Run(seconds, decode, step, [], [], per_forward, mem.bytes)
-
-
-@torch.no_grad()
-def _prefill_seconds(net: DiffusionGemma, prompts: list[list[int]]) -> float:
-    ids, valid = pad_prompts(prompts, net.config.pad_token_id, net.device)
-    cache = KVCache(net.config, ids.shape[0], net.device)
-    _sync(net.device)
-    start = time.perf_counter()
-    net.encode(ids, cache, valid)
-    _sync(net.device)
-    return time.perf_counter() - start
+    return Run(seconds, step * max(result.forwards - 1, 1), step, [], [], per_forward, mem.bytes)
 
 
 # ---- the benchmark ----------------------------------------------------------------------------------------------
@@ -504,22 +496,19 @@ def _measure(impl: str, model: Model, ref, prompts: list[list[int]], *, kw: dict
     repeat = opts.repeat if repeat is None else repeat
     warm_kw = {**kw, "max_denoising_steps": min(2, kw["max_denoising_steps"])}
 
-    def once(warm: bool, prefill: float = 0.0) -> Run:
+    def once(warm: bool) -> Run:
         if impl not in ("reference", "ar"):  # ours, in its loaded or a quantized format
             return _run_ours(model, prompts, warm_kw if warm else kw, opts.seed)
         if impl == "reference":
             return _run_reference(ref, prompts, warm_kw if warm else kw, opts.seed, model.device)
-        return _run_ar(model.net, prompts, min(new_tokens, 2) if warm else new_tokens, prefill)
+        return _run_ar(model.net, prompts, min(new_tokens, 2) if warm else new_tokens)
 
     for _ in range(warmup):
         once(True)
-    # Autoregressive decode time is the call minus the prompt's prefill, timed apart (warm).
-    prefill = statistics.median(_prefill_seconds(model.net, prompts) for _ in range(repeat)) \
-        if impl == "ar" and repeat else 0.0
     runs = []
     for i in range(repeat):
         log(f"{impl} batch {len(prompts)}: run {i + 1}/{repeat}")
-        runs.append(once(False, prefill))
+        runs.append(once(False))
     return runs
 
 

@@ -41,6 +41,9 @@ def test_cached_decoding_equals_recomputing_everything(net):
         expected = naive_greedy(net, prompt, 30)
         assert result.token_ids == [expected]
         assert result.forwards == len(expected) + (len(expected) < 30)  # + the pass that produced a stop id
+        calls = []
+        assert ar_generate(net, prompt, 30, on_token=lambda: calls.append(1)).token_ids == [expected]
+        assert len(calls) == result.forwards  # once per pass: what the benchmark's token clock counts
 
 
 def test_batch_of_different_lengths_equals_each_alone(net):

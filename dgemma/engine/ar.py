@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -72,10 +73,11 @@ class TokenStep:
 
 @torch.no_grad()
 def ar_generate(net: DiffusionGemma, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
-                seed: int | None = None, stop_ids=None) -> ArResult:
+                seed: int | None = None, stop_ids=None, on_token: Callable[[], None] | None = None) -> ArResult:
     """Decode up to `max_new_tokens` new tokens after each prompt with the causal encoder and the tied head.
     temperature 0 is greedy (argmax); > 0 samples from softmax(logits / temperature) with a generator seeded by
-    `seed`. A row ends at the first id in `stop_ids` (default: the config's EOS ids), which is not returned."""
+    `seed`. A row ends at the first id in `stop_ids` (default: the config's EOS ids), which is not returned.
+    `on_token()` is called once per pass, when its tokens have reached the host (so the pass has finished)."""
     cfg = net.config
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -109,6 +111,8 @@ def ar_generate(net: DiffusionGemma, prompt_ids, max_new_tokens: int, *, tempera
             token = logits.argmax(dim=-1)  # [B]
         running = running & ~torch.isin(token, stop)
         tokens, live = torch.stack([token, running.long()]).tolist()  # the token's one host sync
+        if on_token is not None:
+            on_token()
         for row in range(b):
             if live[row]:
                 out[row].append(tokens[row])
