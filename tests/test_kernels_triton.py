@@ -191,3 +191,33 @@ def test_fused_norm_and_rotation_match_the_separate_ops(per_row, dtype):
     _close(fused, apply_rope(rms_norm(x, weight, 1e-6), cos, sin), dtype)
     with pytest.raises(ValueError, match="power of two"):
         triton_norm.rms_norm(x[..., :24], weight[:24], 1e-6, rope=(cos[..., :24], sin[..., :24]))
+
+
+
+def test_triton_is_probed_once_per_gpu_and_a_failing_probe_falls_back(monkeypatch):
+    """On a GPU the first call runs the Triton norm once and remembers the answer; a Triton that cannot build or
+    launch there gives a warning and the PyTorch paths rather than a failing norm. The probe runs here through the
+    interpreter on the CPU; the caching with a stand-in for a CUDA tensor."""
+    import dgemma.kernels as kernels
+
+    assert kernels._probe(torch.device("cpu"))  # the real kernel against PyTorch's norm
+
+    def broken(*args, **kw):
+        raise RuntimeError("failed to build the driver module")
+
+    monkeypatch.setattr(triton_norm, "rms_norm", broken)
+    with pytest.warns(RuntimeWarning, match=r"Triton kernels cannot run on cpu \(RuntimeError: failed to build"):
+        assert not kernels._probe(torch.device("cpu"))
+
+    class OnGpu:  # what triton_available reads of a CUDA tensor
+        is_cuda, device = True, torch.device("cuda", 3)
+
+    probed, capturing = [], [True]
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    monkeypatch.setattr(kernels, "_WORKS", {})
+    monkeypatch.setattr(kernels, "_probe", lambda device: probed.append(device) or False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    assert kernels.triton_available(OnGpu()) and not probed  # inside a capture: no probe, nothing remembered
+    capturing[0] = False
+    assert not kernels.triton_available(OnGpu()) and not kernels.triton_available(OnGpu())
+    assert probed == [torch.device("cuda", 3)] and kernels._WORKS == {torch.device("cuda", 3): False}
