@@ -69,6 +69,7 @@ def test_generate_on_gpu_is_seeded_and_complete():
     assert all(1 <= s <= 8 for row in first.steps for s in row)
 
 
+@torch.no_grad()  # as generation runs: the Triton norms, rotations and experts where Triton is installed
 def test_graph_replays_match_eager_passes():
     net = _realistic(preset("tiny", **ACCURACY_CFG)).to(CUDA, torch.bfloat16)
     cfg = net.config
@@ -84,7 +85,7 @@ def test_graph_replays_match_eager_passes():
             CUDA, torch.bfloat16)
         got = decoder(canvas, sc).clone()
         worst = max(worst, _rel_err(got, net.decode(canvas, cache, sc)))
-    assert not graphs.CanvasDecoder._failed and len(graphs._graphs[net].passes) == 2
+    assert net not in graphs._failed and len(graphs._graphs[net].passes) == 2
     print(f"CUDA graph replays vs eager decoder passes: max rel err {worst:.2e}")
     assert worst <= 1e-2
 

@@ -96,6 +96,7 @@ def _bucketed(cache: KVCache, canvas_length: int) -> KVCache:
 
 
 _graphs: weakref.WeakKeyDictionary[DiffusionGemma, _Graphs] = weakref.WeakKeyDictionary()  # one shape per network
+_failed: weakref.WeakSet[DiffusionGemma] = weakref.WeakSet()  # networks whose capture failed once: no more attempts
 
 
 class CanvasDecoder:
@@ -107,7 +108,6 @@ class CanvasDecoder:
     self-conditioning, whose result it discards."""
 
     capture: Callable = staticmethod(capture_cuda_graph)  # (fn, device) -> (replay, output, first result)
-    _failed = False  # a capture failed once in this process: no more attempts
 
     def __init__(self, net: DiffusionGemma, cache: KVCache):
         self.net, self.cache = net, cache
@@ -127,7 +127,7 @@ class CanvasDecoder:
         return self.net.decode(canvas, self.cache, sc_logits, out=out, probs=self._buffers[2])
 
     def __call__(self, canvas: torch.Tensor, sc_logits: torch.Tensor | None) -> torch.Tensor:
-        if not self.graphs or CanvasDecoder._failed:
+        if not self.graphs or self.net in _failed:
             return self._eager(canvas, sc_logits)
         graphs = _graphs.get(self.net)
         key = (tuple(canvas.shape), self.cache.length, tuple(k is None for k in self.cache.keys), self._weights)
@@ -148,7 +148,7 @@ class CanvasDecoder:
             first = self._capture(graphs, conditioned)
             if first is not None:
                 return first
-            if CanvasDecoder._failed:
+            if self.net in _failed:
                 return self._eager(canvas, sc_logits)
         replay, out = graphs.passes[conditioned]
         replay()
@@ -160,7 +160,7 @@ class CanvasDecoder:
             replay, out, first = self.capture(lambda: self.net.decode(graphs.canvas, graphs.cache, sc),
                                               self.net.device)
         except Exception as err:  # any capture failure: keep generating, eagerly
-            CanvasDecoder._failed = True
+            _failed.add(self.net)
             _graphs.pop(self.net, None)
             warnings.warn(f"CUDA graph capture of the denoising step failed ({type(err).__name__}: {err}); "
                           "running the steps eagerly", RuntimeWarning, stacklevel=3)
