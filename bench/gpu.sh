@@ -42,10 +42,11 @@ timeout 15 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,
 LOG="$OUT/logs.txt"
 
 # Time limits: 30 (wheels) + 70 + 25 + 80 + 70 + 75 + 45 + 35 + 40 = 470 s at most.
-timeout 70 "$PYTHON" -m pytest "$ROOT/tests/test_cuda.py" -q -s -p no:cacheprovider >> "$LOG" 2>&1
+# pyproject's -q already; -rfEs names each failed, erroring and skipped test in the summary.
+timeout 70 "$PYTHON" -m pytest "$ROOT/tests/test_cuda.py" -s -rfEs -p no:cacheprovider >> "$LOG" 2>&1
 tests=$?
 echo "==== GPU tests (exit $tests) ===="
-grep -E "max rel err|cosine|passed|failed|skipped|Error" "$LOG" | tail -n 25
+grep -iE "max rel err|cosine|passed|failed|skipped|error" "$LOG" | tail -n 25
 { echo "==== experts ===="; TRITON_INTERPRET=$([ "$DEVICE" = cpu ] && echo 1 || echo 0) timeout 25 "$PYTHON" \
     "$ROOT/bench/experts.py" --shape "$SHAPE" --device "$DEVICE" 2>> "$LOG"; } | tee -a "$OUT/tables.txt"
 
