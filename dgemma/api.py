@@ -215,6 +215,9 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, vocab_size: int | None = 
     downloaded); with `vocab_size`, checked to fit a model with that many token ids."""
     path = Path(path_or_repo_id).expanduser()
     path = path.parent if path.is_file() and path.name == "tokenizer.json" else path
+    if path.is_file():
+        raise ValueError(f"{path}: a tokenizer is read from a directory holding tokenizer.json, that file, or a Hub "
+                         "repo id")
     tok = Tokenizer.from_dir(path if path.is_dir() else checkpoint.resolve(path_or_repo_id, weights=False))
     if tok is None:
         raise ValueError(f"{path_or_repo_id}: no tokenizer.json")

@@ -16,7 +16,8 @@ What is measured, per implementation and batch size (the median over `repeat` ru
   consecutive steps of a canvas, and a canvas's denoising time is its step count times that. Prompt encoding and
   the commits between canvases are thus left out. For autoregressive decoding a token step likewise costs the mean
   gap between consecutive tokens reaching the host, leaving out the prefill and the first token step (where a GPU
-  captures its CUDA graph), and the decode time is that step times the passes after the prefill.
+  captures its CUDA graph), and the decode time is that step times the passes after the prefill (below three tokens:
+  the whole call over its passes).
 - end-to-end tokens/s = new tokens / wall time of the whole generate call (prompt encoding included).
 - ms per step: one batched denoising step (autoregressive: one forward after the prefill).
 - tokens per forward: per row, generated tokens / decoder passes (the engine's own statistic), averaged.
@@ -354,7 +355,7 @@ def _run_reference(ref, prompts: list[list[int]], kw: dict, seed: int, device: t
 def _run_ar(net: DiffusionGemma, prompts: list[list[int]], new_tokens: int) -> Run:
     """One `ar_generate` call. A token step costs the mean gap between consecutive tokens reaching the host, leaving
     out the prefill and the first token step (which captures the CUDA graph on a GPU); the decode time is that step
-    times the passes after the prefill."""
+    times the passes after the prefill. Below three tokens there is no such gap: the whole call over its passes."""
     device = net.device
     stamps: list[float] = []
     with PeakMemory(device) as mem:
@@ -363,8 +364,7 @@ def _run_ar(net: DiffusionGemma, prompts: list[list[int]], new_tokens: int) -> R
         result = ar_generate(net, prompts, new_tokens, stop_ids=[], on_token=lambda: stamps.append(time.perf_counter()))
         _sync(device)
         seconds = time.perf_counter() - start
-    timed = stamps[1:] if len(stamps) > 2 else stamps  # a 2-token warm-up run has no clean gap
-    step = (timed[-1] - timed[0]) / max(len(timed) - 1, 1)
+    step = (stamps[-1] - stamps[1]) / (len(stamps) - 2) if len(stamps) > 2 else seconds / result.forwards
     per_forward = statistics.fmean(len(row) / result.forwards for row in result.token_ids)
     return Run(seconds, step * max(result.forwards - 1, 1), step, [], [], per_forward, mem.bytes)
 

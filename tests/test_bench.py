@@ -29,6 +29,15 @@ def test_every_implementation_and_batch_is_measured(result):
     assert result["reference_experts"] and 0 < result["step_weight_bytes"]["1"] <= result["weight_bytes"]
 
 
+@pytest.mark.parametrize("new_tokens", [1, 2, 3])
+def test_autoregressive_runs_of_a_few_tokens_are_timed(new_tokens):
+    """Below three tokens there is no gap between token steps to time: the call over its passes stands in."""
+    opts = BenchOptions(shape="tiny", batches=(1,), prompt_len=4, steps=2, warmup=0, new_tokens=new_tokens,
+                        compare=("ar",))
+    ar = [r for r in run_bench(opts)["runs"] if r["impl"] == "ar"]
+    assert len(ar) == 1 and ar[0]["decode_tokens_per_s"] > 0 and ar[0]["ms_per_step"] > 0
+
+
 def test_fixed_step_mode_runs_exactly_the_fixed_steps(result):
     for r in result["runs"]:
         if r["impl"] == "ar":

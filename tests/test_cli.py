@@ -101,6 +101,8 @@ def test_a_tokenizer_can_come_from_elsewhere(tiny_dir, tmp_path, capsys):
     assert f"{bare}: no tokenizer.json" in capsys.readouterr().err
     assert main(args + ["--model", str(tiny_dir), "--tokenizer", str(BUNDLED)]) == 2
     assert "has 2048 token ids; the model has 512" in capsys.readouterr().err
+    assert main(args + ["--model", str(tiny_dir), "--tokenizer", str(tiny_dir / "config.json")]) == 2
+    assert "config.json: a tokenizer is read from a directory holding tokenizer.json" in capsys.readouterr().err
 
 
 def test_console_script_is_installed(tiny_dir):

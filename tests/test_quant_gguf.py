@@ -305,8 +305,8 @@ def test_gguf_can_be_converted_to_a_quantized_directory(tiny_net, tmp_path):
 def test_gguf_conversion_progress_totals_what_loading_yields(wide_net, tmp_path):
     from dgemma.quant.gguf import GGUFFile
 
-    # Types whose loaded bytes differ from the file's: Q3_K and IQ2_XS grow when repacked, a Q4_K gate with a Q6_K up
-    # fuses into int8, an F16 gate with a Q6_K up and TQ2_0 are decoded to float.
+    # Types whose loaded bytes differ from the file's: Q3_K and IQ2_XS grow when repacked, an F16 gate with a Q6_K
+    # up and TQ2_0 are decoded to float.
     types = {"attn": Q.Q8_0, "mlp": Q.IQ2_XS, "gate": Q.F16, "up": Q.Q6_K, "down": Q.Q3_K, "embed": Q.TQ2_0}
     write_gguf(tmp_path / "m.gguf", wide_net, types, split_experts=True)
     summary = dgemma.quant.quantize(tmp_path / "m.gguf", tmp_path / "q", "int8", progress=False)
@@ -468,6 +468,8 @@ def test_iq_blocks_become_int8_codes_that_decode_exactly(qtype, d, monkeypatch):
     monkeypatch.setattr(ours, "_DECODE_ELEMENTS", 600)  # decode two or three rows at a time
     size = gguf.GGML_QUANT_SIZES[qtype][1]
     raw = _iq_blocks(qtype, (2, 3), 512, d, seed=11)
+    # The first block of row 0 with scale 0, as llama.cpp writes blocks of zero weights: its values are 0.
+    raw.reshape(6, -1, size)[0, 0] = _iq_blocks(qtype, (2, 3), 512, 0.0, seed=11).reshape(6, -1, size)[0, 0]
     blocks = torch.from_numpy(raw).unflatten(-1, (-1, size))
     if qtype.name in ours._REPACKED:  # IQ4: codes from the table by index, without the package
         q = ours._REPACKED[qtype.name](blocks)
@@ -478,6 +480,7 @@ def test_iq_blocks_become_int8_codes_that_decode_exactly(qtype, d, monkeypatch):
         scale_dtype = torch.float32  # offsets up to 15 * 31 * d overflow float16, so both stay float32
     assert (q.kind, q.group_size, tuple(q.shape), q.scale.dtype) == (kind, group, (2, 3, 512), scale_dtype)
     ref = gguf.quants.dequantize(raw, qtype)
+    assert not ref.reshape(6, -1)[0, :gguf.GGML_QUANT_SIZES[qtype][0]].any()
     if kind == "int8":
         assert q.offset is None and int(q.codes.abs().max()) == top  # steps read right: codes span the type's table
         np.testing.assert_array_equal(dequantize(q).numpy(), ref)
@@ -502,8 +505,9 @@ def test_iq_values_that_are_not_multiples_of_their_steps_are_refused(wide_net, t
     monkeypatch.setitem(ours._STEPPED, "IQ3_S", (group, lambda b: step(b) * 3, affine))  # a misread scale
     with pytest.raises(ValueError, match=r"IQ3_S tensor 'blk\.0\..*' decodes to values that are not the whole multi"):
         dgemma.load(path)
-    # Steps a third as large: the quotients are whole, but not the odd numbers -15..15 that int4 codes stand for.
-    monkeypatch.setitem(ours._STEPPED, "IQ3_S", (group, lambda b: step(b) / 3, affine))
+    # Steps half as large: the quotients are whole (and exact), but even, not the odd numbers -15..15 that int4
+    # codes stand for.
+    monkeypatch.setitem(ours._STEPPED, "IQ3_S", (group, lambda b: step(b) / 2, affine))
     with pytest.raises(ValueError, match=r"IQ3_S tensor 'blk\.0\..*' decodes to values that are not the whole multi"):
         dgemma.load(path)
 
@@ -615,8 +619,8 @@ def test_gguf_k_and_iq_quants_load_repacked_and_match_the_decoded_weights(wide_n
     ({"attn": Q.Q8_0, "mlp": Q.Q3_K, "gate": Q.Q4_K, "up": Q.Q6_K, "down": Q.Q2_K, "embed": Q.Q4_K}, True),
     ({"attn": Q.Q8_0, "mlp": Q.Q3_K, "gate": Q.F16, "up": Q.Q6_K, "down": Q.Q2_K, "embed": Q.Q4_K}, True),
     ({"attn": Q.Q4_1, "mlp": Q.Q2_K, "gate": Q.Q4_K, "up": Q.Q3_K, "down": Q.Q3_K, "embed": Q.Q6_K}, True),
-    # IQ types, the lattice ones' shapes on the meta device: int8 gate and up in groups of 32 and 16 (fused), then
-    # an int4 gate (IQ3_S) with an int8 up (decoded to float)
+    # IQ types, the lattice ones' shapes on the meta device: int8 gate and up in groups of 32 and 16, then an int4
+    # gate (IQ3_S) with an int8 up, fused into int8
     ({"attn": Q.IQ4_NL, "mlp": Q.IQ3_S, "gate": Q.IQ3_XXS, "up": Q.IQ1_M, "down": Q.IQ1_S, "embed": Q.IQ2_XXS}, True),
     ({"attn": Q.IQ4_NL, "mlp": Q.IQ2_XS, "gate": Q.IQ3_S, "up": Q.IQ2_S, "down": Q.IQ4_XS, "embed": Q.IQ1_S}, True),
 ])

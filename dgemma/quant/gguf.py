@@ -36,8 +36,9 @@ llama.cpp's values, not bit-exact); Q6_K -> int8 codes q - 32 with group 16 and 
 and Q2_K (3- and 2-bit codes in sub-blocks of 16) -> int4 with group 16, float16 scales and offsets (0.75 bytes per
 weight; within float16 rounding, as Q4_K). Scales or offsets that would overflow float16 stay float32. Gate and up
 experts of one kind (int8 or int4; an int4 half next to an int8 one becomes int8, exact) whose groups divide each
-other fuse into the smaller group; other mixes (a float half) load as float. IQ types become int8 codes, exact: IQ4_NL (float16 scale d per 32) and IQ4_XS (float32 d * (ls - 32) per 32)
-by looking their 4-bit indices up in the type's value table; the lattice types IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S,
+other fuse into the smaller group; other mixes (a float half) load as float. IQ types become int8 codes, exact:
+IQ4_NL (float16 scale d per 32) and IQ4_XS (float32 d * (ls - 32) per 32) by looking their 4-bit indices up in the
+type's value table; the lattice types IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S,
 IQ1_S and IQ1_M, whose values are a per-group step times a small integer read from grids only the package holds, by
 decoding with the package a few rows at a time and dividing by the steps read from the blocks (`_STEPPED`; groups of
 32, or 16 for IQ2_XS, IQ2_S and IQ1_M; float32 steps; loading checks every quotient is a whole number that fits int8).
@@ -242,7 +243,7 @@ class GGUFFile:
         q = _stepped(kind, blocks, rows)
         if q is None:
             raise ValueError(f"{self.path}: {kind} tensor {name!r} decodes to values that are not the whole "
-                             "multiples of their block scales the type defines (a corrupt scale?)")
+                             "multiples of their block scales the type defines (a non-finite or corrupt scale?)")
         return q
 
     def _target(self, name: str) -> str | None:
@@ -542,8 +543,9 @@ def _stepped(kind: str, blocks: torch.Tensor, rows: np.ndarray | None) -> QTenso
             c = torch.where(s == 0, 0.0, values / s).round()  # the integers, [r, K/G, G]
             if not (torch.equal(c * s, values) and bool((c.abs() <= 127).all())):
                 return None
-            if affine is not None:
-                c = (c - low.reshape(-1, low.shape[-1])[i:i + chunk].unsqueeze(-1)) / affine[0]  # 0..15 if valid
+            if affine is not None:  # a zero step (llama.cpp's d = 0 for all-zero weights) takes the lowest code
+                lo = low.reshape(-1, low.shape[-1])[i:i + chunk].unsqueeze(-1).float()  # [r, K/G, 1]
+                c = (torch.where(s == 0, lo, c) - lo) / affine[0]  # 0..15 if valid
                 if not bool(((c == c.round()) & (c >= 0) & (c <= 15)).all()):
                     return None
                 c = pack_int4(c.to(torch.uint8).flatten(-2), group)
