@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from . import checkpoint, quant
+from . import __version__, checkpoint, quant
 from .api import Model, load, load_tokenizer, model_path
 from .config import PRESET_NAMES, GenerationSettings, preset
 from .model.diffusion_gemma import DiffusionGemma
@@ -35,6 +35,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgemma", description="Run DiffusionGemma block-diffusion models.")
+    parser.add_argument("--version", action="version", version=f"dgemma {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="generate a continuation of PROMPT")

@@ -105,6 +105,14 @@ def test_a_tokenizer_can_come_from_elsewhere(tiny_dir, tmp_path, capsys):
     assert "config.json: a tokenizer is read from a directory holding tokenizer.json" in capsys.readouterr().err
 
 
+def test_version(capsys):
+    import dgemma
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith(f"dgemma {dgemma.__version__} (torch ")
+
+
 def test_console_script_is_installed(tiny_dir):
     exe = shutil.which("dgemma")
     assert exe, "the dgemma console script is not on PATH"
