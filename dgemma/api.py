@@ -215,15 +215,35 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, vocab_size: int | None = 
     downloaded); with `vocab_size`, checked to fit a model with that many token ids."""
     path = Path(path_or_repo_id).expanduser()
     path = path.parent if path.is_file() and path.name == "tokenizer.json" else path
-    if path.is_file():
-        raise ValueError(f"{path}: a tokenizer is read from a directory holding tokenizer.json, that file, or a Hub "
-                         "repo id")
-    tok = Tokenizer.from_dir(path if path.is_dir() else checkpoint.resolve(path_or_repo_id, weights=False))
+    try:
+        tok = Tokenizer.from_dir(path if path.is_dir() else checkpoint.resolve(path_or_repo_id, weights=False))
+    except checkpoint.CheckpointError:  # a missing path, or a file other than tokenizer.json
+        raise ValueError(f"no tokenizer at {path_or_repo_id}: give a directory holding tokenizer.json, that file, "
+                         "or a Hub repo id") from None
     if tok is None:
         raise ValueError(f"{path_or_repo_id}: no tokenizer.json")
     if vocab_size is not None and tok.vocab_size > vocab_size:
         raise ValueError(f"tokenizer {path_or_repo_id} has {tok.vocab_size} token ids; the model has {vocab_size}")
     return tok
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device` (default: the CPU) as a torch.device; ValueError naming the problem for an unknown device, or a GPU
+    that this machine or this PyTorch build lacks."""
+    try:
+        dev = torch.device(device if device is not None else "cpu")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; expected e.g. cpu, cuda, cuda:1 or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = "" if torch.version.cuda else " (this PyTorch is a CPU-only build)"
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU is available{build}")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA GPU(s), numbered from 0")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: MPS is not available here")
+    return dev
 
 
 def load(path_or_repo_id: str | os.PathLike | None = None, device=None, dtype=None,
@@ -233,7 +253,7 @@ def load(path_or_repo_id: str | os.PathLike | None = None, device=None, dtype=No
     weight format. `tokenizer` (a directory or Hub repo id, `load_tokenizer`) replaces the checkpoint's own; a .gguf
     file's vocabulary is not read, so this is how a GGUF model takes text."""
     path_or_repo_id = model_path(path_or_repo_id)
-    device = torch.device(device if device is not None else "cpu")
+    device = resolve_device(device)
     if quant.is_gguf(path_or_repo_id):
         net, settings, tok, path = quant.load_gguf(path_or_repo_id, device, _dtype(dtype))
     else:

@@ -47,7 +47,7 @@ from typing import Callable
 
 import torch
 
-from .api import Model, _dtype, load
+from .api import Model, _dtype, load, resolve_device
 from .config import PRESET_NAMES, GenerationSettings, ModelConfig, preset
 from .engine.ar import ar_generate
 from .model.diffusion_gemma import DiffusionGemma
@@ -379,7 +379,7 @@ def _settings(base: GenerationSettings, opts: BenchOptions, new_tokens: int) -> 
 
 
 def _load(opts: BenchOptions) -> tuple[Model, str]:
-    device = torch.device(opts.device)
+    device = resolve_device(opts.device)
     if opts.model is not None:
         model = load(opts.model, device=device, dtype=opts.dtype)
         label = str(opts.model)

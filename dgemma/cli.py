@@ -33,6 +33,17 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
                         "file's vocabulary is not read)")
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port number."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a whole number from 0 to 65535, got {text!r}")
+    return port
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgemma", description="Run DiffusionGemma block-diffusion models.")
     parser.add_argument("--version", action="version", version=f"dgemma {__version__} (torch {torch.__version__})")
@@ -103,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve an OpenAI-compatible API and a playground over HTTP")
     _add_model_args(serve, required=False)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000, help="TCP port, 0..65535 (default: 8000; 0: any free one)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
     serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503 (default: 64)")
     serve.add_argument("--max-batch", type=int, default=32, help="rows per engine call (default: 32)")

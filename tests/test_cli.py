@@ -64,6 +64,8 @@ def test_info_reports_parameters_and_bytes(tiny_dir, capsys):
     (["run", "x", "--model", "{tiny}", "--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
     (["run", "", "--model", "{tiny}"], "empty prompt"),
     (["info", "--model", "/nonexistent/dir"], "no checkpoint directory"),
+    (["run", "x", "--model", "{tiny}", "--device", "tpu"], "unknown device 'tpu'; expected e.g. cpu, cuda"),
+    (["run", "x", "--model", "{tiny}", "--device", "cuda:99"], "device 'cuda:99': "),  # no GPU, or not 100 of them
 ])
 def test_errors_are_one_line_with_exit_code_2(tiny_dir, capsys, argv, match):
     argv = [a.replace("{tiny}", str(tiny_dir)) for a in argv]
@@ -102,7 +104,13 @@ def test_a_tokenizer_can_come_from_elsewhere(tiny_dir, tmp_path, capsys):
     assert main(args + ["--model", str(tiny_dir), "--tokenizer", str(BUNDLED)]) == 2
     assert "has 2048 token ids; the model has 512" in capsys.readouterr().err
     assert main(args + ["--model", str(tiny_dir), "--tokenizer", str(tiny_dir / "config.json")]) == 2
-    assert "config.json: a tokenizer is read from a directory holding tokenizer.json" in capsys.readouterr().err
+    assert "config.json: give a directory holding tokenizer.json, that file, or a Hub" in capsys.readouterr().err
+
+
+def test_a_port_out_of_range_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--port", "99999"])
+    assert exit_.value.code == 2 and "a port is a whole number from 0 to 65535, got '99999'" in capsys.readouterr().err
 
 
 def test_version(capsys):
