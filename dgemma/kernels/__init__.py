@@ -41,7 +41,7 @@ def _probe(device: torch.device) -> bool:
 def triton_available(x: torch.Tensor) -> bool:
     """Whether the Triton kernels can run on `x`: Triton is installed and x is on a GPU where `_probe` passed (probed
     on the first call for that GPU outside a CUDA graph capture), or the interpreter is on."""
-    if importlib.util.find_spec("triton") is None or not (x.is_cuda or interpreting()):
+    if not (x.is_cuda or interpreting()) or importlib.util.find_spec("triton") is None:
         return False
     if interpreting():
         return True
