@@ -267,6 +267,8 @@ def _logits(model):
 @pytest.mark.parametrize("types, split, kinds", [
     ({"attn": Q.Q8_0, "mlp": Q.Q8_0, "gate_up": Q.Q8_0, "down": Q.Q8_0, "embed": Q.Q8_0}, True, ("int8", "int8")),
     ({"attn": Q.Q4_0, "mlp": Q.Q5_0, "gate_up": Q.Q4_0, "down": Q.Q4_1, "embed": Q.Q8_0}, False, ("int4", "int4")),
+    # experts in MXFP4, as llama.cpp's MXFP4_MOE files hold them (written by the package's own quantizer)
+    ({"attn": Q.Q8_0, "mlp": Q.Q8_0, "gate_up": Q.MXFP4, "down": Q.MXFP4, "embed": Q.Q8_0}, True, ("int8", "int8")),
 ])
 def test_gguf_loads_and_matches_the_decoded_weights(tiny_net, tmp_path, types, split, kinds, float32_products):
     path = tmp_path / "model.gguf"
@@ -494,6 +496,19 @@ def test_iq_blocks_become_int8_codes_that_decode_exactly(qtype, d, monkeypatch):
     offset = np.repeat(q.offset.float().numpy(), group, -1)
     bound = 2.0**-11 * (top * np.abs(scale) + np.abs(offset)) * (1 + 1e-3) + 1e-6 * np.abs(ref)
     assert np.all(np.abs(dequantize(q).numpy() - ref) <= bound)
+
+
+def test_mxfp4_blocks_become_int8_codes_that_decode_exactly():
+    from dgemma.quant.formats import dequantize
+    from dgemma.quant.gguf import _mxfp4
+
+    raw = np.random.default_rng(16).integers(0, 256, (2, 3, 8, 17), dtype=np.uint8)
+    raw[..., 0] = np.resize(np.array([0, 1, 2, 100, 127, 128, 200, 3], dtype=np.uint8), raw.shape[:-1])  # exponents
+    q = _mxfp4(torch.from_numpy(raw))
+    assert (q.kind, q.group_size, tuple(q.shape), q.scale.dtype, q.offset) == ("int8", 32, (2, 3, 256),
+                                                                               torch.float32, None)
+    assert int(q.codes.abs().max()) == 12  # twice FP4's largest magnitude, 6
+    np.testing.assert_array_equal(dequantize(q).numpy(), gguf.quants.dequantize(raw.reshape(2, 3, -1), Q.MXFP4))
 
 
 def test_iq_values_that_are_not_multiples_of_their_steps_are_refused(wide_net, tmp_path, monkeypatch):

@@ -44,7 +44,9 @@ decoding with the package a few rows at a time and dividing by the steps read fr
 32, or 16 for IQ2_XS, IQ2_S and IQ1_M; float32 steps; loading checks every quotient is a whole number that fits int8).
 IQ3_S (odd integers -15..15) and IQ1_S (three integers 8 apart per group) go on to int4 with group 32, scale and
 offset rounded to float16 as Q3_K's (checked to be evenly spaced as the type defines).
-F32, F16 and BF16 load as float; every other type the package can decode (TQ1_0, MXFP4, ...) is dequantized to float.
+MXFP4 (the experts of llama.cpp's MXFP4_MOE files) becomes int8 codes, twice the FP4 values, with group 32 and
+float32 power-of-two scales (exact). F32, F16 and BF16 load as float; every other type the package can decode
+(TQ1_0, TQ2_0, NVFP4, ...) is dequantized to float.
 The GGUF vocabulary is not read: a model loaded from GGUF takes token ids, or text through a tokenizer given to
 `dgemma.load(..., tokenizer=...)`.
 Must not: write GGUF files or guess a mapping for other architectures.
@@ -454,13 +456,23 @@ def _q2_k(blocks: torch.Tensor) -> QTensor:
 
 
 _IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # IQ4_NL / IQ4_XS codes
+_MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # twice the FP4 (e2m1) values
 
 
-def _iq4_codes(qs: torch.Tensor) -> torch.Tensor:
-    """IQ4 code bytes uint8 [..., 16] (byte j: weight j's 4-bit index in its low nibble, weight j + 16's in its high
-    one) -> the values the indices name, int8 [..., 32]."""
-    table = torch.tensor(_IQ4_VALUES, dtype=torch.int8, device=qs.device)
+def _iq4_codes(qs: torch.Tensor, values: tuple[int, ...] = _IQ4_VALUES) -> torch.Tensor:
+    """4-bit index bytes uint8 [..., 16] (byte j: weight j's index in its low nibble, weight j + 16's in its high
+    one) -> the table values the indices name, int8 [..., 32]."""
+    table = torch.tensor(values, dtype=torch.int8, device=qs.device)
     return table[torch.cat([qs & 15, qs >> 4], -1).long()]
+
+
+def _mxfp4(blocks: torch.Tensor) -> QTensor:
+    """MXFP4 blocks uint8 [..., N, K/32, 17] (e, an E8M0 exponent byte; qs[16] of FP4 indices as `_iq4_codes` reads
+    them) -> int8 QTensor with group 32: codes twice the FP4 values, float32 scales 2^(e - 128) (half the block's
+    power of two; below e = 2 the float32 subnormals 2^-127 and 2^-126), exact."""
+    e = blocks[..., 0].int()  # [..., N, K/32]
+    bits = torch.where(e < 2, 0x00200000 << e, (e - 1) << 23)  # float32 bit patterns
+    return QTensor("int8", _iq4_codes(blocks[..., 1:], _MXFP4_VALUES).flatten(-2), bits.view(torch.float32))
 
 
 def _iq4_nl(blocks: torch.Tensor) -> QTensor:
@@ -484,7 +496,7 @@ def _iq4_xs(blocks: torch.Tensor) -> QTensor:
 
 # GGML types repacked into QTensors: blocks uint8 [..., N, K/block, block bytes] -> QTensor.
 _REPACKED = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q4_K": _q4_k, "Q5_K": _q5_k,
-             "Q6_K": _q6_k, "Q3_K": _q3_k, "Q2_K": _q2_k, "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs}
+             "Q6_K": _q6_k, "Q3_K": _q3_k, "Q2_K": _q2_k, "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs, "MXFP4": _mxfp4}
 
 
 def _iq1_m_step(blocks: torch.Tensor) -> torch.Tensor:
