@@ -26,9 +26,10 @@ from test_quant import int8_with_offsets
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 2e-2}
 
 # (kind, group, N, K): N is never a multiple of the 64-wide block; K = 96 and 176 are not multiples of 64, groups of
-# 88 straddle two K blocks, and groups of 16 (GGUF's Q2_K / Q3_K) fill half of the 16 bytes a K-step reads.
-WEIGHTS = [("int8", None, 70, 96), ("int8", 32, 70, 96), ("int4", 32, 70, 96), ("int4", 64, 40, 192),
-           ("int4", 128, 33, 384), ("int4", 88, 70, 176), ("int4", 16, 70, 96)]
+# 88 straddle two K blocks, and int4 groups of 16 (GGUF's Q2_K / Q3_K) fill half of the 16 bytes a K-step reads;
+# int8 groups of 16 are GGUF's Q6_K, IQ2_XS, IQ2_S and IQ1_M.
+WEIGHTS = [("int8", None, 70, 96), ("int8", 32, 70, 96), ("int8", 16, 70, 96), ("int4", 32, 70, 96),
+           ("int4", 64, 40, 192), ("int4", 128, 33, 384), ("int4", 88, 70, 176), ("int4", 16, 70, 96)]
 
 
 def _randn(*shape, seed):
@@ -81,7 +82,7 @@ def test_int8_half_scales_and_strided_3d_input():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("group", [None, 32])
+@pytest.mark.parametrize("group", [None, 32, 16])
 def test_int8_with_offsets_matches_reference(group, dtype):
     """int8 codes with an offset per group (GGUF's Q5_1 / Q5_K blocks): one weight, and stacked experts."""
     q = int8_with_offsets(_randn(3, 70, 96, seed=group or 0) * 0.02, group)  # [E, N, K]
