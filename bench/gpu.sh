@@ -29,7 +29,7 @@ has_reference() { "$PYTHON" -c "import dgemma, transformers; assert transformers
 if ! has_reference; then
     if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
         SITE="$(mktemp -d -t dgemma-site.XXXXXX)"
-        timeout 30 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl \
+        timeout 20 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl \
             || exit 2
         export PYTHONPATH="$ROOT:$SITE${BASE_PATH:+:$BASE_PATH}"  # the wheels before the env's own packages
     fi
@@ -41,9 +41,9 @@ timeout 15 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,
 "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 LOG="$OUT/logs.txt"
 
-# Time limits: 30 (wheels) + 70 + 25 + 80 + 70 + 75 + 45 + 35 + 40 = 470 s at most.
+# Time limits: 20 (wheels) + 80 + 25 + 80 + 70 + 75 + 45 + 35 + 40 = 470 s at most.
 # pyproject's -q already; -rfEs names each failed, erroring and skipped test in the summary.
-timeout 70 "$PYTHON" -m pytest "$ROOT/tests/test_cuda.py" -s -rfEs -p no:cacheprovider >> "$LOG" 2>&1
+timeout 80 "$PYTHON" -m pytest "$ROOT/tests/test_cuda.py" -s -rfEs -p no:cacheprovider >> "$LOG" 2>&1
 tests=$?
 echo "==== GPU tests (exit $tests) ===="
 grep -iE "max rel err|cosine|passed|failed|skipped|error" "$LOG" | tail -n 25

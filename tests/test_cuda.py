@@ -122,9 +122,10 @@ def test_grouped_experts_match_the_per_expert_loop(impl, monkeypatch):
     assert err <= 1e-2
 
 
-# Real DiffusionGemma 26B-A4B projection sizes: attention/dense (2816 inputs) and an expert's down (704 inputs).
+# Real DiffusionGemma 26B-A4B projection sizes: attention/dense (2816 inputs) and an expert's down (704 inputs);
+# groups of 16 as GGUF's K-quants and IQ types load.
 LINEAR = [("int8", None, 2816, 2816), ("int8", None, 2816, 704), ("int4", 64, 1408, 2816), ("int4", 32, 2816, 704),
-          ("int4", 128, 1000, 2816)]
+          ("int4", 128, 1000, 2816), ("int8", 16, 2816, 704)]
 
 
 @pytest.mark.parametrize("kind, group, n, k", LINEAR)
@@ -137,7 +138,7 @@ def test_triton_linear_compiled(kind, group, n, k):
         assert err <= 2e-2, f"{kind} g{group} [{m} x {k}] @ [{n} x {k}]^T: max rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("kind, group", [("int8", None), ("int4", 64)])
+@pytest.mark.parametrize("kind, group", [("int8", None), ("int4", 64), ("int4", 16)])
 def test_triton_grouped_linear_compiled(kind, group):
     gen = torch.Generator().manual_seed(9)
     counts = torch.tensor([0, 33, 1, 0, 250, 7, 16, 0])
