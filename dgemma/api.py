@@ -250,8 +250,8 @@ def load(path_or_repo_id: str | os.PathLike | None = None, device=None, dtype=No
          tokenizer: str | os.PathLike | None = None) -> Model:
     """Load a checkpoint directory (or a Hub repo id, downloaded on first use; or a .gguf file; default: the bundled
     model) onto `device` in `dtype` (default: the checkpoint's stored dtype). Quantized and FP8 directories keep their
-    weight format. `tokenizer` (a directory or Hub repo id, `load_tokenizer`) replaces the checkpoint's own; a .gguf
-    file's vocabulary is not read, so this is how a GGUF model takes text."""
+    weight format. `tokenizer` (a directory or Hub repo id, `load_tokenizer`) replaces the checkpoint's own; this is
+    how a .gguf file whose vocabulary is not read (`GGUFFile.tokenizer`) takes text."""
     path_or_repo_id = model_path(path_or_repo_id)
     device = resolve_device(device)
     if quant.is_gguf(path_or_repo_id):

@@ -29,8 +29,8 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: as stored)")
     p.add_argument("--tokenizer", default=None, metavar="DIR_OR_ID",
-                   help="use this directory's or Hub repo's tokenizer instead of the checkpoint's own (a .gguf "
-                        "file's vocabulary is not read)")
+                   help="use this directory's or Hub repo's tokenizer instead of the checkpoint's own (for a .gguf "
+                        "file whose vocabulary is not read, e.g. a SentencePiece one)")
 
 
 def _port(text: str) -> int:
@@ -147,7 +147,7 @@ def cmd_run(args) -> int:
         text = tok.decode(result.token_ids[0]) if tok is not None else None
     else:
         if model.tokenizer is None:
-            raise ValueError(f"{args.model} has no tokenizer (no tokenizer.json; a .gguf file's vocabulary is not "
+            raise ValueError(f"{args.model} has no tokenizer (no tokenizer.json, or a .gguf vocabulary that is not "
                              "read): pass a tokenizer with --tokenizer DIR_OR_ID, or the prompt as token ids with --ids")
         if args.chat:
             out = model.chat([{"role": "user", "content": args.prompt}], thinking=args.thinking, **kw)
@@ -190,7 +190,7 @@ def cmd_info(args) -> int:
     if args.tokenizer:
         tok = load_tokenizer(args.tokenizer, cfg.vocab_size)
     else:
-        tok = None if gguf else Tokenizer.from_dir(path)
+        tok = gguf.tokenizer() if gguf else Tokenizer.from_dir(path)
     data = {
         "path": str(path), "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "layers": cfg.num_hidden_layers, "layer_types": kinds, "attention_heads": cfg.num_attention_heads,

@@ -194,10 +194,10 @@ def _quantize(data: np.ndarray, qtype) -> np.ndarray:
     return packed.reshape(*data.shape[:-1], -1)
 
 
-def write_gguf(path, net, types: dict, arch="diffusion_gemma", split_experts=False):
+def write_gguf(path, net, types: dict, arch="diffusion_gemma", split_experts=False, extra=None):
     """Write `net` as a GGUF file; `types` maps a weight kind ("attn", "mlp", "gate_up", "down", "embed"; with
-    `split_experts`, "gate" and "up" may override "gate_up" for either half) to its GGML type, everything 1-D is F32.
-    Returns a float twin holding exactly the values the file decodes to."""
+    `split_experts`, "gate" and "up" may override "gate_up" for either half) to its GGML type, everything 1-D is F32;
+    `extra(writer)` may add metadata. Returns a float twin holding exactly the values the file decodes to."""
     cfg = net.config
     twin = copy.deepcopy(net)
     state = twin.state_dict()
@@ -244,6 +244,8 @@ def write_gguf(path, net, types: dict, arch="diffusion_gemma", split_experts=Fal
             state[ours].copy_(torch.cat(halves, 1))
             continue
         state[ours].copy_(add(_gguf_name(ours), tensor, kind, ours))
+    if extra is not None:
+        extra(w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -295,6 +297,72 @@ def test_a_gguf_model_takes_text_with_a_tokenizer_from_a_directory(tiny_net, tmp
     kw = dict(max_new_tokens=8, max_denoising_steps=3, seed=0)
     assert model.complete("def f(x):", **kw).result.token_ids == \
         dgemma.load(tok_dir).complete("def f(x):", **kw).result.token_ids
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    """A byte-level BPE of 400 ids (the bundled model's kind of tokenizer), trained on text made here."""
+    from dgemma.tokenizer import Tokenizer
+
+    lines = [f"def f{i}(x, y):\n    return x * {i} + y  # caf\u00e9 {i % 7}\n" for i in range(300)]
+    return Tokenizer.train_bpe(lines, 400)
+
+
+def _gpt2_vocabulary(tok):
+    """llama.cpp's metadata for a byte-level BPE: model "gpt2", tokens by id, merges "a b", token types."""
+    from dgemma.tokenizer import BYTE_SPECIALS
+
+    vocab = tok.backend.get_vocab(with_added_tokens=True)
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.backend.to_str())["model"]["merges"]]
+
+    def extra(w):
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_merges(merges)
+        w.add_token_types([gguf.TokenType.CONTROL if t in BYTE_SPECIALS else gguf.TokenType.NORMAL for t in tokens])
+        w.add_chat_template(tok.chat_template)
+    return extra
+
+
+@pytest.mark.parametrize("layout", ["gpt2", "huggingface.json"])
+def test_a_gguf_files_own_tokenizer_is_read(tiny_net, tmp_path, bpe, layout, capsys):
+    path = tmp_path / "model.gguf"
+    extra = _gpt2_vocabulary(bpe) if layout == "gpt2" else \
+        (lambda w: w.add_string("tokenizer.huggingface.json", bpe.backend.to_str()))
+    write_gguf(path, tiny_net, {"attn": Q.Q8_0}, extra=extra)
+    tok = dgemma.load(path).tokenizer
+    assert tok is not None and tok.vocab_size == bpe.vocab_size
+    texts = ["def f12(x, y):\n    return x * 12 + y", "caf\u00e9 \u2603 \U0001f600\t\r\n  spaced  ", "<|turn>user\nhi<turn|>",
+             "<bos>x<eos> <pad>", ""]
+    for text in texts:
+        assert tok.encode(text) == bpe.encode(text), text
+        assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
+    assert (tok.bos_token_id, tok.eos_token_ids, tok.pad_token_id) == (2, [1], 0)
+    if layout == "gpt2":
+        messages = [{"role": "user", "content": "hello"}]
+        assert tok.chat_template == bpe.chat_template and tok.encode_chat(messages) == bpe.encode_chat(messages)
+        from dgemma.cli import main
+
+        assert main(["info", "--model", str(path), "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["tokenizer"] is True and info["chat_template"] is True
+
+
+def test_a_sentencepiece_gguf_vocabulary_is_not_read(tiny_net, tmp_path, capsys):
+    from dgemma.cli import main
+
+    path = tmp_path / "model.gguf"
+
+    def llama(w):
+        w.add_tokenizer_model("llama")
+        w.add_token_list(["<pad>", "<eos>", "<bos>"] + [f"\u2581t{i}" for i in range(509)])
+        w.add_token_scores([0.0] * 512)
+    write_gguf(path, tiny_net, {"attn": Q.Q8_0}, extra=llama)
+    assert dgemma.load(path).tokenizer is None
+    assert main(["run", "hello", "--model", str(path)]) == 2
+    assert "pass a tokenizer with --tokenizer" in capsys.readouterr().err
 
 
 def test_gguf_can_be_converted_to_a_quantized_directory(tiny_net, tmp_path):

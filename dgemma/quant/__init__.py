@@ -77,7 +77,7 @@ def weight_loader(path: Path) -> Callable[..., DiffusionGemma] | None:
 def load_gguf(path: str | os.PathLike, device: torch.device, dtype: torch.dtype | None):
     """(network, generation settings, tokenizer None, path) from a .gguf file."""
     g = GGUFFile(path)
-    return build(g.config, g.entries(), dtype, device, str(g.path)), g.settings, None, g.path
+    return build(g.config, g.entries(), dtype, device, str(g.path)), g.settings, g.tokenizer(), g.path
 
 
 def describe(path: Path, dtype: torch.dtype) -> dict | None:

@@ -10,6 +10,8 @@ llama.cpp has no DiffusionGemma architecture, so dgemma defines one, following i
     .context_length, .rope.freq_base (1e6), .rope.freq_base_swa (1e4), .rope.partial_rotary_factor (0.25),
     .attention.layer_norm_rms_epsilon (1e-6), .final_logit_softcapping (30), .canvas_length (256)     optional
     tokenizer.ggml.bos_token_id / eos_token_id / eot_token_id / padding_token_id                        optional
+    tokenizer.huggingface.json, or tokenizer.ggml.model "gpt2" with .tokens / .merges / .token_type / .pre,
+    tokenizer.chat_template                                                      optional (`GGUFFile.tokenizer`)
 
 Tensor names (`N` = layer; shapes in PyTorch order; norms are multiplied as stored, no 1 + w):
 
@@ -47,8 +49,9 @@ offset rounded to float16 as Q3_K's (checked to be evenly spaced as the type def
 MXFP4 (the experts of llama.cpp's MXFP4_MOE files) becomes int8 codes, twice the FP4 values, with group 32 and
 float32 power-of-two scales (exact). F32, F16 and BF16 load as float; every other type the package can decode
 (TQ1_0, TQ2_0, NVFP4, ...) is dequantized to float.
-The GGUF vocabulary is not read: a model loaded from GGUF takes token ids, or text through a tokenizer given to
-`dgemma.load(..., tokenizer=...)`.
+A file's tokenizer is read where it carries a whole tokenizer.json (`tokenizer.huggingface.json`) or a llama.cpp
+"gpt2" byte-level BPE vocabulary (`GGUFFile.tokenizer`); other vocabularies (SentencePiece "llama", ...) are not, and
+such a model takes token ids, or text through a tokenizer given to `dgemma.load(..., tokenizer=...)`.
 Must not: write GGUF files or guess a mapping for other architectures.
 """
 
@@ -64,6 +67,7 @@ import numpy as np
 import torch
 
 from ..config import GenerationSettings, ModelConfig
+from ..tokenizer import Tokenizer
 from .convert import Entry
 from .formats import QTensor, dequantize, pack_int4, unpack_int4
 from .modules import role
@@ -91,6 +95,7 @@ _GLOBAL = {
 }
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)$")
 _DECODE_ELEMENTS = 1 << 22  # weights decoded at once by the gguf package when loading a lattice (IQ) type
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4  # llama.cpp's token types (tokenizer.ggml.token_type)
 _REQUIRED = object()
 
 
@@ -195,6 +200,38 @@ class GGUFFile:
         }
         return ModelConfig.from_hf_dict({"model_type": "diffusion_gemma", "text_config": text,
                                          "canvas_length": int(self._field(a + "canvas_length", 256))})
+
+    def tokenizer(self) -> Tokenizer | None:
+        """The file's own tokenizer, or None where it holds none that is read here: the whole tokenizer.json where
+        `tokenizer.huggingface.json` carries it, else a byte-level BPE rebuilt from a llama.cpp "gpt2" vocabulary
+        (`tokenizer.ggml.tokens`, `.merges`, `.token_type`: control tokens special, user-defined ones added; only
+        the GPT-2 pre-tokenizer, `tokenizer.ggml.pre` "default" or absent). SentencePiece ("llama") and other
+        vocabularies are not read. Special ids as the config reads them; the chat template from
+        `tokenizer.chat_template`. A tokenizer with more ids than the model's vocabulary is an error."""
+        import tokenizers
+        from tokenizers import decoders, models, pre_tokenizers
+
+        text = self._field("tokenizer.huggingface.json", None)
+        if text is not None:
+            backend = tokenizers.Tokenizer.from_str(text)
+        elif self._field("tokenizer.ggml.model", None) == "gpt2" and \
+                self._field("tokenizer.ggml.pre", "default") in ("default", "gpt-2"):
+            tokens = list(self._field("tokenizer.ggml.tokens"))
+            kinds = list(self._field("tokenizer.ggml.token_type", [_NORMAL] * len(tokens)))
+            merges = [tuple(m.split(" ", 1)) for m in self._field("tokenizer.ggml.merges", [])]
+            backend = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            backend.decoder = decoders.ByteLevel()
+            backend.add_special_tokens([t for t, k in zip(tokens, kinds) if k == _CONTROL])
+            backend.add_tokens([t for t, k in zip(tokens, kinds) if k == _USER_DEFINED])
+        else:
+            return None
+        if backend.get_vocab_size(with_added_tokens=True) > self.config.vocab_size:
+            raise ValueError(f"{self.path}: its tokenizer has {backend.get_vocab_size(with_added_tokens=True)} ids, "
+                             f"the model's vocabulary {self.config.vocab_size}")
+        special = {"bos_token_id": self.config.bos_token_id, "eos_token_ids": list(self.config.eos_token_ids),
+                   "pad_token_id": self.config.pad_token_id}
+        return Tokenizer(backend, self._field("tokenizer.chat_template", None), special)
 
     @property
     def total_bytes(self) -> int:
