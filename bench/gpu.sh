@@ -29,7 +29,7 @@ has_reference() { "$PYTHON" -c "import dgemma, transformers; assert transformers
 if ! has_reference; then
     if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
         SITE="$(mktemp -d -t dgemma-site.XXXXXX)"
-        timeout 20 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl \
+        timeout 15 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl \
             || exit 2
         export PYTHONPATH="$ROOT:$SITE${BASE_PATH:+:$BASE_PATH}"  # the wheels before the env's own packages
     fi
@@ -37,11 +37,11 @@ if ! has_reference; then
                        exit 2; }
 fi
 
-timeout 15 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+timeout 5 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 LOG="$OUT/logs.txt"
 
-# Time limits: 20 (wheels) + 80 + 25 + 80 + 70 + 75 + 45 + 35 + 40 = 470 s at most.
+# Time limits: 15 (wheels) + 5 (nvidia-smi) + 80 + 25 + 80 + 70 + 75 + 45 + 35 + 40 = 470 s at most.
 # pyproject's -q already; -rfEs names each failed, erroring and skipped test in the summary.
 timeout 80 "$PYTHON" -m pytest "$ROOT/tests/test_cuda.py" -s -rfEs -p no:cacheprovider >> "$LOG" 2>&1
 tests=$?

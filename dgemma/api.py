@@ -222,9 +222,7 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, vocab_size: int | None = 
                          "or a Hub repo id") from None
     if tok is None:
         raise ValueError(f"{path_or_repo_id}: no tokenizer.json")
-    if vocab_size is not None and tok.vocab_size > vocab_size:
-        raise ValueError(f"tokenizer {path_or_repo_id} has {tok.vocab_size} token ids; the model has {vocab_size}")
-    return tok
+    return tok if vocab_size is None else tok.check_fits(vocab_size, path_or_repo_id)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -237,7 +235,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            build = "" if torch.version.cuda else " (this PyTorch is a CPU-only build)"
+            build = "" if torch.version.cuda or torch.version.hip else " (this PyTorch is a CPU-only build)"
             raise ValueError(f"device {str(device)!r}: no CUDA GPU is available{build}")
         if dev.index is not None and dev.index >= count:
             raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA GPU(s), numbered from 0")
@@ -255,7 +253,7 @@ def load(path_or_repo_id: str | os.PathLike | None = None, device=None, dtype=No
     path_or_repo_id = model_path(path_or_repo_id)
     device = resolve_device(device)
     if quant.is_gguf(path_or_repo_id):
-        net, settings, tok, path = quant.load_gguf(path_or_repo_id, device, _dtype(dtype))
+        net, settings, tok, path = quant.load_gguf(path_or_repo_id, device, _dtype(dtype), tokenizer is None)
     else:
         path = checkpoint.resolve(path_or_repo_id)
         cfg, settings = checkpoint.read_config(path)

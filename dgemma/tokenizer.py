@@ -136,17 +136,32 @@ class Tokenizer:
                 template = None
         return cls(backend, template, special)
 
+    @staticmethod
+    def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], special: list[str],
+                       added: list[str] = ()) -> tokenizers.Tokenizer:
+        """A GPT-2 style byte-level BPE backend: `vocab` token -> id, `merges` in rank order, `special` tokens
+        (matched whole in text, skipped when decoding) and other `added` ones, all already in `vocab`."""
+        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens(list(special))
+        backend.add_tokens(list(added))
+        return backend
+
     @classmethod
     def byte_level(cls) -> Tokenizer:
         """A tokenizer with one id per byte (261 ids: the specials above, then 256 bytes): any text, no training."""
         vocab = {t: i for i, t in enumerate(BYTE_SPECIALS)}
         for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
             vocab[ch] = len(vocab)
-        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        backend.decoder = decoders.ByteLevel()
-        backend.add_special_tokens(list(BYTE_SPECIALS))
+        backend = cls.byte_level_bpe(vocab, [], BYTE_SPECIALS)
         return cls(backend, BYTE_CHAT_TEMPLATE, {"bos_token_id": 2, "eos_token_ids": [1], "pad_token_id": 0})
+
+    def check_fits(self, vocab_size: int, source) -> Tokenizer:
+        """self, or ValueError naming `source` when it has more ids than a model's `vocab_size`."""
+        if self.vocab_size > vocab_size:
+            raise ValueError(f"tokenizer {source} has {self.vocab_size} token ids; the model has {vocab_size}")
+        return self
 
     @classmethod
     def train_bpe(cls, texts, vocab_size: int) -> Tokenizer:

@@ -74,10 +74,12 @@ def weight_loader(path: Path) -> Callable[..., DiffusionGemma] | None:
     return None
 
 
-def load_gguf(path: str | os.PathLike, device: torch.device, dtype: torch.dtype | None):
-    """(network, generation settings, tokenizer None, path) from a .gguf file."""
+def load_gguf(path: str | os.PathLike, device: torch.device, dtype: torch.dtype | None, tokenizer: bool = True):
+    """(network, generation settings, the file's own tokenizer or None, path) from a .gguf file; without
+    `tokenizer`, the file's tokenizer metadata is not read (another tokenizer takes its place)."""
     g = GGUFFile(path)
-    return build(g.config, g.entries(), dtype, device, str(g.path)), g.settings, g.tokenizer(), g.path
+    tok = g.tokenizer() if tokenizer else None  # before the weights: malformed metadata fails fast
+    return build(g.config, g.entries(), dtype, device, str(g.path)), g.settings, tok, g.path
 
 
 def describe(path: Path, dtype: torch.dtype) -> dict | None:

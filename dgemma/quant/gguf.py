@@ -204,34 +204,43 @@ class GGUFFile:
     def tokenizer(self) -> Tokenizer | None:
         """The file's own tokenizer, or None where it holds none that is read here: the whole tokenizer.json where
         `tokenizer.huggingface.json` carries it, else a byte-level BPE rebuilt from a llama.cpp "gpt2" vocabulary
-        (`tokenizer.ggml.tokens`, `.merges`, `.token_type`: control tokens special, user-defined ones added; only
-        the GPT-2 pre-tokenizer, `tokenizer.ggml.pre` "default" or absent). SentencePiece ("llama") and other
-        vocabularies are not read. Special ids as the config reads them; the chat template from
-        `tokenizer.chat_template`. A tokenizer with more ids than the model's vocabulary is an error."""
+        with the GPT-2 pre-tokenizer (`tokenizer.ggml.pre` "gpt-2"; llama.cpp's "default" splits digits and
+        punctuation apart, which is not rebuilt): `.tokens`, `.merges`, `.token_type` (control tokens special,
+        user-defined ones added). SentencePiece ("llama") and other vocabularies are not read. Special ids from
+        `tokenizer.ggml.*_token_id` (a BOS only where one is given and `add_bos_token` is not false), the chat
+        template from `tokenizer.chat_template`. Malformed metadata, or more ids than the model's vocabulary, is a
+        ValueError naming the file."""
         import tokenizers
-        from tokenizers import decoders, models, pre_tokenizers
 
         text = self._field("tokenizer.huggingface.json", None)
-        if text is not None:
-            backend = tokenizers.Tokenizer.from_str(text)
-        elif self._field("tokenizer.ggml.model", None) == "gpt2" and \
-                self._field("tokenizer.ggml.pre", "default") in ("default", "gpt-2"):
-            tokens = list(self._field("tokenizer.ggml.tokens"))
-            kinds = list(self._field("tokenizer.ggml.token_type", [_NORMAL] * len(tokens)))
-            merges = [tuple(m.split(" ", 1)) for m in self._field("tokenizer.ggml.merges", [])]
-            backend = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-            backend.decoder = decoders.ByteLevel()
-            backend.add_special_tokens([t for t, k in zip(tokens, kinds) if k == _CONTROL])
-            backend.add_tokens([t for t, k in zip(tokens, kinds) if k == _USER_DEFINED])
-        else:
+        model, pre = self._field("tokenizer.ggml.model", None), self._field("tokenizer.ggml.pre", None)
+        if text is None and (model, pre) != ("gpt2", "gpt-2"):
             return None
-        if backend.get_vocab_size(with_added_tokens=True) > self.config.vocab_size:
-            raise ValueError(f"{self.path}: its tokenizer has {backend.get_vocab_size(with_added_tokens=True)} ids, "
-                             f"the model's vocabulary {self.config.vocab_size}")
-        special = {"bos_token_id": self.config.bos_token_id, "eos_token_ids": list(self.config.eos_token_ids),
-                   "pad_token_id": self.config.pad_token_id}
-        return Tokenizer(backend, self._field("tokenizer.chat_template", None), special)
+        try:
+            if text is not None:
+                backend = tokenizers.Tokenizer.from_str(text)
+            else:
+                tokens = list(self._field("tokenizer.ggml.tokens"))
+                kinds = list(self._field("tokenizer.ggml.token_type", [_NORMAL] * len(tokens)))
+                vocab = {t: i for i, t in enumerate(tokens)}
+                if len(kinds) != len(tokens) or len(vocab) != len(tokens):
+                    raise ValueError(f"{len(tokens)} tokens ({len(tokens) - len(vocab)} repeated), {len(kinds)} "
+                                     "token types")
+                merges = [tuple(m.split(" ", 1)) for m in self._field("tokenizer.ggml.merges", [])]
+                if any(len(m) != 2 or m[0] not in vocab or m[1] not in vocab for m in merges):
+                    raise ValueError("a merge is not two tokens of the vocabulary")
+                backend = Tokenizer.byte_level_bpe(vocab, merges, [t for t, k in zip(tokens, kinds) if k == _CONTROL],
+                                                   [t for t, k in zip(tokens, kinds) if k == _USER_DEFINED])
+        except Exception as err:  # the tokenizers library raises bare Exceptions for bad input
+            raise ValueError(f"{self.path}: malformed tokenizer metadata ({err}); pass a tokenizer with "
+                             "--tokenizer") from None
+        bos = self._field("tokenizer.ggml.bos_token_id", None)
+        eos = [self._field(k, None) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+        special = {"bos_token_id": bos if self._field("tokenizer.ggml.add_bos_token", True) else None,
+                   "eos_token_ids": [int(e) for e in eos if e is not None],
+                   "pad_token_id": self._field("tokenizer.ggml.padding_token_id", None)}
+        tok = Tokenizer(backend, self._field("tokenizer.chat_template", None), special)
+        return tok.check_fits(self.config.vocab_size, f"in {self.path}")
 
     @property
     def total_bytes(self) -> int:
@@ -506,7 +515,7 @@ def _iq4_codes(qs: torch.Tensor, values: tuple[int, ...] = _IQ4_VALUES) -> torch
 def _mxfp4(blocks: torch.Tensor) -> QTensor:
     """MXFP4 blocks uint8 [..., N, K/32, 17] (e, an E8M0 exponent byte; qs[16] of FP4 indices as `_iq4_codes` reads
     them) -> int8 QTensor with group 32: codes twice the FP4 values, float32 scales 2^(e - 128) (half the block's
-    power of two; below e = 2 the float32 subnormals 2^-127 and 2^-126), exact."""
+    power of two; for e = 0 and 1 the float32 subnormals 2^-128 and 2^-127), exact."""
     e = blocks[..., 0].int()  # [..., N, K/32]
     bits = torch.where(e < 2, 0x00200000 << e, (e - 1) << 23)  # float32 bit patterns
     return QTensor("int8", _iq4_codes(blocks[..., 1:], _MXFP4_VALUES).flatten(-2), bits.view(torch.float32))
