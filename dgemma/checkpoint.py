@@ -49,6 +49,8 @@ def resolve(path_or_repo_id: str | os.PathLike, weights: bool = True) -> Path:
     if path.exists():
         raise CheckpointError(f"{path} is a file; expected a checkpoint directory")
     text = str(path_or_repo_id)
+    if path.suffix.lower() == ".gguf":
+        raise CheckpointError(f"no GGUF file at {text}")
     if text.count("/") != 1 or text.startswith((".", "/", "~")):
         raise CheckpointError(f"no checkpoint directory at {text}")
     from huggingface_hub import snapshot_download

@@ -64,6 +64,7 @@ def test_info_reports_parameters_and_bytes(tiny_dir, capsys):
     (["run", "x", "--model", "{tiny}", "--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
     (["run", "", "--model", "{tiny}"], "empty prompt"),
     (["info", "--model", "/nonexistent/dir"], "no checkpoint directory"),
+    (["run", "x", "--model", "/nonexistent/model.gguf"], "no GGUF file at /nonexistent/model.gguf"),
     (["run", "x", "--model", "{tiny}", "--device", "tpu"], "unknown device 'tpu'; expected e.g. cpu, cuda"),
     (["run", "x", "--model", "{tiny}", "--device", "cuda:99"], "device 'cuda:99': "),  # no GPU, or not 100 of them
 ])
