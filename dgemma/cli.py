@@ -29,8 +29,8 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: as stored)")
     p.add_argument("--tokenizer", default=None, metavar="DIR_OR_ID",
-                   help="use this directory's or Hub repo's tokenizer instead of the checkpoint's own (for a .gguf "
-                        "file whose vocabulary is not read, e.g. a SentencePiece one)")
+                   help="use this directory's or Hub repo's tokenizer instead of the checkpoint's own (e.g. for a "
+                        ".gguf file whose vocabulary is not read)")
 
 
 def _port(text: str) -> int:

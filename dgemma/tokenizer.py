@@ -17,7 +17,7 @@ from typing import Any
 
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 # Special tokens of the byte-level tokenizer, at the ids the model config expects (pad 0, eos 1, bos 2).
 BYTE_SPECIALS = ("<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>")
@@ -146,6 +146,34 @@ class Tokenizer:
         backend.decoder = decoders.ByteLevel()
         backend.add_special_tokens(list(special))
         backend.add_tokens(list(added))
+        return backend
+
+    @staticmethod
+    def sentencepiece_bpe(pieces: list[str], scores: list[float], special: list[str], added: list[str] = (),
+                          fallback: list[str] = (), unk: str | None = None,
+                          add_space_prefix: bool = False) -> tokenizers.Tokenizer:
+        """A SentencePiece BPE backend from its pieces (by id) and scores: spaces become "▁" (after one is
+        prepended with `add_space_prefix`), and adjacent pieces merge, the highest-scoring result first (the leftmost
+        among equals), into any piece of the vocabulary; characters with no piece fall back to the `<0xXX>` byte
+        pieces. The merges are every split of every ordinary piece into two ordinary pieces, ranked by the whole
+        piece's score. `special` pieces are matched whole and skipped when decoding, `added` ones matched whole;
+        neither, nor the byte pieces in `fallback`, takes part in merges."""
+        vocab = {p: i for i, p in enumerate(pieces)}
+        apart = set(special) | set(added) | set(fallback)
+        ranked = sorted((-score, vocab[piece[:cut]], vocab[piece[cut:]])
+                        for piece, score in zip(pieces, scores) if piece not in apart
+                        for cut in range(1, len(piece))
+                        if piece[:cut] in vocab and piece[cut:] in vocab and not {piece[:cut], piece[cut:]} & apart)
+        merges = [(pieces[left], pieces[right]) for _, left, right in ranked]
+        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True,
+                                                  fuse_unk=True))
+        prefix = [normalizers.Prepend(" ")] if add_space_prefix else []
+        backend.normalizer = normalizers.Sequence(prefix + [normalizers.Replace(" ", "▁")])
+        strip = [decoders.Strip(" ", 1, 0)] if add_space_prefix else []
+        backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                            + strip)
+        backend.add_special_tokens(list(special))
+        backend.add_tokens([tokenizers.AddedToken(t, normalized=False) for t in added])  # matched in the raw text
         return backend
 
     @classmethod

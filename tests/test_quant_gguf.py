@@ -359,17 +359,88 @@ def test_a_gguf_files_own_tokenizer_is_read(tiny_net, tmp_path, bpe, layout, cap
         assert info["tokenizer"] is True and info["chat_template"] is True
 
 
-def test_other_gguf_vocabularies_are_not_read(tiny_net, tmp_path, capsys, bpe):
-    """SentencePiece vocabularies, and byte-level ones with llama.cpp's "default" pre-tokenizer (which splits digits
-    and punctuation apart, unlike GPT-2's), load without a tokenizer."""
-    from dgemma.cli import main
+# A SentencePiece BPE vocabulary as llama.cpp writes Gemma's ("llama"): specials, byte pieces, characters, then
+# pieces of up to 5 characters made of them, with random distinct scores (so ties never decide).
+_SPM_CHARS = list("\u2581abcdefghij(),:=\n")
+
+
+def _spm_vocabulary(seed=0):
+    rng = np.random.default_rng(seed)
+    multi = sorted({"".join(rng.choice(_SPM_CHARS, rng.integers(2, 6))) for _ in range(260)})
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>"] + [f"<0x{b:02X}>" for b in range(256)] + \
+        _SPM_CHARS + multi[:512 - 262 - len(_SPM_CHARS)]
+    kinds = [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.UNKNOWN] + [gguf.TokenType.USER_DEFINED] * 2 + \
+        [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (len(pieces) - 262)
+    scores = [0.0] * 262 + rng.permutation(len(pieces) - 262).astype(float).tolist()
+    return pieces, kinds, scores
+
+
+def _spm_reference(text, pieces, kinds, scores, add_space_prefix):
+    """SentencePiece BPE as llama.cpp runs it, written out plainly: control and user-defined pieces are cut out
+    whole; each stretch of text between them (with the prefix, after a "\u2581" put before it, as llama.cpp does at
+    the start and after every such piece), spaces as "\u2581", starts as characters; the adjacent pair whose
+    concatenation is the highest-scoring ordinary piece merges (leftmost among equals), until none does; a leftover
+    character with no piece becomes its UTF-8 byte pieces."""
+    ids = {p: i for i, p in enumerate(pieces)}
+    ordinary = {p: s for p, k, s in zip(pieces, kinds, scores) if k == gguf.TokenType.NORMAL}
+    whole = [p for p, k in zip(pieces, kinds) if k in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)]
+    out, after_whole = [], True
+    for part in re.split("(" + "|".join(map(re.escape, whole)) + ")", text):
+        if part in whole:
+            out.append(ids[part])
+            after_whole = True
+        elif part:
+            symbols = list(("\u2581" if add_space_prefix and after_whole else "") + part.replace(" ", "\u2581"))
+            after_whole = False
+            while True:
+                pairs = [(ordinary[a + b], -i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))
+                         if a + b in ordinary]
+                if not pairs:
+                    break
+                i = -max(pairs)[1]
+                symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+            for sym in symbols:
+                out.extend([ids[sym]] if sym in ids else [ids[f"<0x{b:02X}>"] for b in sym.encode()])
+    return out
+
+
+@pytest.mark.parametrize("add_space_prefix", [False, True])
+def test_a_gguf_sentencepiece_vocabulary_tokenizes_as_sentencepiece_does(tiny_net, tmp_path, add_space_prefix):
+    pieces, kinds, scores = _spm_vocabulary()
 
     def llama(w):
         w.add_tokenizer_model("llama")
-        w.add_token_list(["<pad>", "<eos>", "<bos>"] + [f"\u2581t{i}" for i in range(509)])
-        w.add_token_scores([0.0] * 512)
+        w.add_token_list(pieces)
+        w.add_token_types(kinds)
+        w.add_token_scores(scores)
+        w.add_add_space_prefix(add_space_prefix)
+        w.add_bos_token_id(2)
+    path = tmp_path / "model.gguf"
+    write_gguf(path, tiny_net, {"attn": Q.Q8_0}, extra=llama)
+    tok = dgemma.load(path).tokenizer
+    assert tok is not None and tok.vocab_size == 512 and tok.bos_token_id == 2
+    rng = np.random.default_rng(1)
+    alphabet = _SPM_CHARS[1:] + list(" xyz\u00e9\u2603")  # and characters with no piece: byte fallback
+    texts = ["".join(rng.choice(alphabet, rng.integers(0, 40))) for _ in range(200)]
+    texts += ["a<|turn>b c<turn|>", "<bos>abc", "  leading and trailing  "]
+    for text in texts:
+        want = _spm_reference(text, pieces, kinds, scores, add_space_prefix)
+        assert tok.encode(text) == want, text
+        # The prefix put after a control or user-defined piece stays in the decoded text, as in llama.cpp's.
+        if not (add_space_prefix and "<" in text):
+            assert tok.decode(want, skip_special_tokens=False) == text, text
 
-    for name, extra in (("llama", llama), ("default", _gpt2_vocabulary(bpe, pre="default"))):
+
+def test_other_gguf_vocabularies_are_not_read(tiny_net, tmp_path, capsys, bpe):
+    """Byte-level vocabularies with llama.cpp's "default" pre-tokenizer (which splits digits and punctuation apart,
+    unlike GPT-2's) and others (here WordPiece) load without a tokenizer."""
+    from dgemma.cli import main
+
+    def bert(w):
+        w.add_tokenizer_model("bert")
+        w.add_token_list(["[PAD]", "[UNK]", "a", "##b"])
+
+    for name, extra in (("bert", bert), ("default", _gpt2_vocabulary(bpe, pre="default"))):
         path = tmp_path / f"{name}.gguf"
         write_gguf(path, tiny_net, {"attn": Q.Q8_0}, extra=extra)
         assert dgemma.load(path).tokenizer is None, name

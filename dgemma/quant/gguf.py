@@ -10,8 +10,9 @@ llama.cpp has no DiffusionGemma architecture, so dgemma defines one, following i
     .context_length, .rope.freq_base (1e6), .rope.freq_base_swa (1e4), .rope.partial_rotary_factor (0.25),
     .attention.layer_norm_rms_epsilon (1e-6), .final_logit_softcapping (30), .canvas_length (256)     optional
     tokenizer.ggml.bos_token_id / eos_token_id / eot_token_id / padding_token_id                        optional
-    tokenizer.huggingface.json, or tokenizer.ggml.model "gpt2" with .tokens / .merges / .token_type / .pre,
-    tokenizer.chat_template                                                      optional (`GGUFFile.tokenizer`)
+    tokenizer.huggingface.json, or tokenizer.ggml.model "llama" with .tokens / .scores / .token_type /
+    .add_space_prefix, or "gpt2" with .tokens / .merges / .token_type / .pre, tokenizer.chat_template
+                                                                                 optional (`GGUFFile.tokenizer`)
 
 Tensor names (`N` = layer; shapes in PyTorch order; norms are multiplied as stored, no 1 + w):
 
@@ -49,9 +50,9 @@ offset rounded to float16 as Q3_K's (checked to be evenly spaced as the type def
 MXFP4 (the experts of llama.cpp's MXFP4_MOE files) becomes int8 codes, twice the FP4 values, with group 32 and
 float32 power-of-two scales (exact). F32, F16 and BF16 load as float; every other type the package can decode
 (TQ1_0, TQ2_0, NVFP4, ...) is dequantized to float.
-A file's tokenizer is read where it carries a whole tokenizer.json (`tokenizer.huggingface.json`) or a llama.cpp
-"gpt2" byte-level BPE vocabulary (`GGUFFile.tokenizer`); other vocabularies (SentencePiece "llama", ...) are not, and
-such a model takes token ids, or text through a tokenizer given to `dgemma.load(..., tokenizer=...)`.
+A file's tokenizer is read where it carries a whole tokenizer.json (`tokenizer.huggingface.json`), a llama.cpp
+SentencePiece BPE ("llama") or "gpt2" byte-level BPE vocabulary (`GGUFFile.tokenizer`); with another, a model takes
+token ids, or text through a tokenizer given to `dgemma.load(..., tokenizer=...)`.
 Must not: write GGUF files or guess a mapping for other architectures.
 """
 
@@ -95,7 +96,7 @@ _GLOBAL = {
 }
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)$")
 _DECODE_ELEMENTS = 1 << 22  # weights decoded at once by the gguf package when loading a lattice (IQ) type
-_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4  # llama.cpp's token types (tokenizer.ggml.token_type)
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 1, 2, 3, 4, 6  # llama.cpp's tokenizer.ggml.token_type values
 _REQUIRED = object()
 
 
@@ -202,19 +203,24 @@ class GGUFFile:
                                          "canvas_length": int(self._field(a + "canvas_length", 256))})
 
     def tokenizer(self) -> Tokenizer | None:
-        """The file's own tokenizer, or None where it holds none that is read here: the whole tokenizer.json where
-        `tokenizer.huggingface.json` carries it, else a byte-level BPE rebuilt from a llama.cpp "gpt2" vocabulary
-        with the GPT-2 pre-tokenizer (`tokenizer.ggml.pre` "gpt-2"; llama.cpp's "default" splits digits and
-        punctuation apart, which is not rebuilt): `.tokens`, `.merges`, `.token_type` (control tokens special,
-        user-defined ones added). SentencePiece ("llama") and other vocabularies are not read. Special ids from
-        `tokenizer.ggml.*_token_id` (a BOS only where one is given and `add_bos_token` is not false), the chat
-        template from `tokenizer.chat_template`. Malformed metadata, or more ids than the model's vocabulary, is a
-        ValueError naming the file."""
+        """The file's own tokenizer, or None where it holds none that is read here:
+        - the whole tokenizer.json where `tokenizer.huggingface.json` carries it;
+        - a llama.cpp "gpt2" vocabulary with the GPT-2 pre-tokenizer (`tokenizer.ggml.pre` "gpt-2"; llama.cpp's
+          "default" splits digits and punctuation apart, which is not rebuilt): a byte-level BPE from `.tokens` and
+          `.merges`;
+        - a llama.cpp "llama" (SentencePiece BPE) vocabulary, as Gemma's: `.tokens` and `.scores`, merged as
+          SentencePiece merges them (`Tokenizer.sentencepiece_bpe`), `.add_space_prefix` (default true) honoured;
+          not where `.remove_extra_whitespaces` is set.
+        `.token_type` marks control tokens (special), user-defined ones (matched whole), byte pieces and the unknown
+        piece. Other vocabularies are not read. Special ids from `tokenizer.ggml.*_token_id` (a BOS only where one is
+        given and `add_bos_token` is not false), the chat template from `tokenizer.chat_template`. Malformed metadata,
+        or more ids than the model's vocabulary, is a ValueError naming the file."""
         import tokenizers
 
         text = self._field("tokenizer.huggingface.json", None)
         model, pre = self._field("tokenizer.ggml.model", None), self._field("tokenizer.ggml.pre", None)
-        if text is None and (model, pre) != ("gpt2", "gpt-2"):
+        spm = model == "llama" and not self._field("tokenizer.ggml.remove_extra_whitespaces", False)
+        if text is None and (model, pre) != ("gpt2", "gpt-2") and not spm:
             return None
         try:
             if text is not None:
@@ -226,20 +232,30 @@ class GGUFFile:
                 if len(kinds) != len(tokens) or len(vocab) != len(tokens):
                     raise ValueError(f"{len(tokens)} tokens ({len(tokens) - len(vocab)} repeated), {len(kinds)} "
                                      "token types")
-                merges = [tuple(m.split(" ", 1)) for m in self._field("tokenizer.ggml.merges", [])]
-                if any(len(m) != 2 or m[0] not in vocab or m[1] not in vocab for m in merges):
-                    raise ValueError("a merge is not two tokens of the vocabulary")
-                backend = Tokenizer.byte_level_bpe(vocab, merges, [t for t, k in zip(tokens, kinds) if k == _CONTROL],
-                                                   [t for t, k in zip(tokens, kinds) if k == _USER_DEFINED])
+                of_kind = {k: [t for t, kind in zip(tokens, kinds) if kind == k] for k in set(kinds)}
+                special, added = of_kind.get(_CONTROL, []), of_kind.get(_USER_DEFINED, [])
+                if spm:
+                    scores = list(self._field("tokenizer.ggml.scores"))
+                    if len(scores) != len(tokens):
+                        raise ValueError(f"{len(tokens)} tokens, {len(scores)} scores")
+                    unk = of_kind.get(_UNKNOWN, [None])[0]
+                    prefix = bool(self._field("tokenizer.ggml.add_space_prefix", True))
+                    backend = Tokenizer.sentencepiece_bpe(tokens, scores, special, added, of_kind.get(_BYTE, []), unk,
+                                                          prefix)
+                else:
+                    merges = [tuple(m.split(" ", 1)) for m in self._field("tokenizer.ggml.merges", [])]
+                    if any(len(m) != 2 or m[0] not in vocab or m[1] not in vocab for m in merges):
+                        raise ValueError("a merge is not two tokens of the vocabulary")
+                    backend = Tokenizer.byte_level_bpe(vocab, merges, special, added)
         except Exception as err:  # the tokenizers library raises bare Exceptions for bad input
             raise ValueError(f"{self.path}: malformed tokenizer metadata ({err}); pass a tokenizer with "
                              "--tokenizer") from None
         bos = self._field("tokenizer.ggml.bos_token_id", None)
         eos = [self._field(k, None) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
-        special = {"bos_token_id": bos if self._field("tokenizer.ggml.add_bos_token", True) else None,
-                   "eos_token_ids": [int(e) for e in eos if e is not None],
-                   "pad_token_id": self._field("tokenizer.ggml.padding_token_id", None)}
-        tok = Tokenizer(backend, self._field("tokenizer.chat_template", None), special)
+        ids = {"bos_token_id": bos if self._field("tokenizer.ggml.add_bos_token", True) else None,
+               "eos_token_ids": [int(e) for e in eos if e is not None],
+               "pad_token_id": self._field("tokenizer.ggml.padding_token_id", None)}
+        tok = Tokenizer(backend, self._field("tokenizer.chat_template", None), ids)
         return tok.check_fits(self.config.vocab_size, f"in {self.path}")
 
     @property
