@@ -209,8 +209,10 @@ class GGUFFile:
           "default" splits digits and punctuation apart, which is not rebuilt): a byte-level BPE from `.tokens` and
           `.merges`;
         - a llama.cpp "llama" (SentencePiece BPE) vocabulary, as Gemma's: `.tokens` and `.scores`, merged as
-          SentencePiece merges them (`Tokenizer.sentencepiece_bpe`), `.add_space_prefix` (default true) honoured;
-          not where `.remove_extra_whitespaces` is set.
+          SentencePiece (and llama.cpp) merge them (`Tokenizer.sentencepiece_bpe`; Gemma's Hugging Face
+          tokenizer.json splits some runs of spaces differently), `.add_space_prefix` (default true) honoured, a
+          prefix also after every control or user-defined piece, as llama.cpp puts one; not where
+          `.remove_extra_whitespaces` is set.
         `.token_type` marks control tokens (special), user-defined ones (matched whole), byte pieces and the unknown
         piece. Other vocabularies are not read. Special ids from `tokenizer.ggml.*_token_id` (a BOS only where one is
         given and `add_bos_token` is not false), the chat template from `tokenizer.chat_template`. Malformed metadata,
