@@ -258,7 +258,8 @@ def load(path_or_repo_id: str | os.PathLike | None = None, device=None, dtype=No
         path = checkpoint.resolve(path_or_repo_id)
         cfg, settings = checkpoint.read_config(path)
         load_weights = quant.weight_loader(path) or checkpoint.load_weights
-        net, tok = load_weights(path, cfg, _dtype(dtype), device), Tokenizer.from_dir(path)
-    if tokenizer is not None:
+        net = load_weights(path, cfg, _dtype(dtype), device)
+        tok = Tokenizer.from_dir(path) if tokenizer is None else None
+    if tokenizer is not None:  # the checkpoint's own tokenizer is not read
         tok = load_tokenizer(tokenizer, net.config.vocab_size)
     return Model(net, settings, tok, path)
