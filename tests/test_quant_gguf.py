@@ -349,6 +349,9 @@ def test_a_gguf_files_own_tokenizer_is_read(tiny_net, tmp_path, bpe, layout, cap
     # The file's special ids: the gpt2 file names BOS and padding; the other names neither, so none is assumed.
     assert (tok.bos_token_id, tok.eos_token_ids, tok.pad_token_id) == ((2, [1], 0) if layout == "gpt2" else
                                                                        (None, [1], None))
+    # Converted to a quantized directory, the file's tokenizer goes along.
+    dgemma.quant.quantize(path, tmp_path / "q", "int8", progress=False)
+    assert dgemma.load(tmp_path / "q").tokenizer.encode(texts[0]) == bpe.encode(texts[0])
     if layout == "gpt2":
         messages = [{"role": "user", "content": "hello"}]
         assert tok.chat_template == bpe.chat_template and tok.encode_chat(messages) == bpe.encode_chat(messages)

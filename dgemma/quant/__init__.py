@@ -25,6 +25,7 @@ import torch
 from .. import checkpoint
 from ..config import GenerationSettings
 from ..model.diffusion_gemma import DiffusionGemma
+from ..tokenizer import Tokenizer
 from . import convert, fp8
 from .convert import Entry, quantize
 from .formats import QTensor, dequantize
@@ -44,13 +45,14 @@ class Source:
     entries: Iterator[Entry]
     total_bytes: int
     directory: Path | None  # where tokenizer and other side files live; None for a .gguf file
+    tokenizer: Tokenizer | None = None  # a .gguf file's own tokenizer, written out with the conversion
 
 
 def open_source(path_or_repo_id: str | os.PathLike) -> Source:
     """A float or FP8 checkpoint directory (or Hub id), or a .gguf file, opened for streaming conversion."""
     if is_gguf(path_or_repo_id):
         g = GGUFFile(path_or_repo_id)
-        return Source(g.config.to_hf_dict(), g.settings, g.entries(), g.total_bytes, None)
+        return Source(g.config.to_hf_dict(), g.settings, g.entries(), g.total_bytes, None, g.tokenizer())
     path = checkpoint.resolve(path_or_repo_id)
     cfg, settings = checkpoint.read_config(path)
     meta = convert.metadata(path)

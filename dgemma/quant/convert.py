@@ -304,6 +304,8 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, fmt: str, group_siz
                 if f.is_file() and f.name != "config.json" and not f.name.startswith("model") \
                         and f.suffix != ".safetensors":
                     shutil.copy2(f, tmp / f.name)
+        if src_info.tokenizer is not None:
+            src_info.tokenizer.save(tmp)
         if not (tmp / "generation_config.json").is_file():
             (tmp / "generation_config.json").write_text(json.dumps(src_info.settings.to_hf_dict(), indent=2))
     return {"out": str(out), "parameters": params, "source_bytes": in_bytes, "bytes": writer.total,
