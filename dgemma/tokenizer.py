@@ -197,9 +197,7 @@ class Tokenizer:
         256 bytes, then merges up to `vocab_size` ids."""
         if vocab_size < len(BYTE_SPECIALS) + 256:
             raise ValueError(f"a byte-level BPE needs vocab_size >= {len(BYTE_SPECIALS) + 256}, got {vocab_size}")
-        backend = tokenizers.Tokenizer(models.BPE())
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        backend.decoder = decoders.ByteLevel()
+        backend = cls.byte_level_bpe({}, [], [])  # empty, for the trainer to fill
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, special_tokens=list(BYTE_SPECIALS),
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
