@@ -162,6 +162,11 @@ class GGUFFile:
             raise ValueError(f"{self.path}: tensor {t.name!r} has GGML type {t.tensor_type.name}, which the gguf "
                              "package cannot decode") from None
 
+    def _eos_ids(self) -> list[int]:
+        """The end ids the file names: `tokenizer.ggml.eos_token_id`, then `.eot_token_id`."""
+        keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+        return [int(e) for e in (self._field(k, None) for k in keys) if e is not None]
+
     def _config(self) -> ModelConfig:
         a = ARCH + "."
         n = int(self._field(a + "block_count"))
@@ -173,7 +178,6 @@ class GGUFFile:
         dims = {True: int(self._field(a + "attention.key_length_swa")), False: int(self._field(a + "attention.key_length"))}
         types = ["sliding_attention" if s else "full_attention" for s in pattern]
         vocab = int(self.tensors["token_embd.weight"].shape[1])  # ggml order: [hidden, vocab]
-        eos = [self._field(k, None) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
         text = {
             "vocab_size": vocab, "hidden_size": int(self._field(a + "embedding_length")),
             "intermediate_size": int(self._field(a + "feed_forward_length")), "num_hidden_layers": n,
@@ -197,7 +201,7 @@ class GGUFFile:
             },
             "bos_token_id": self._field("tokenizer.ggml.bos_token_id", 2),
             "pad_token_id": self._field("tokenizer.ggml.padding_token_id", 0),
-            "eos_token_id": sorted({int(e) for e in eos if e is not None}) or [1],
+            "eos_token_id": sorted(set(self._eos_ids())) or [1],
         }
         return ModelConfig.from_hf_dict({"model_type": "diffusion_gemma", "text_config": text,
                                          "canvas_length": int(self._field(a + "canvas_length", 256))})
@@ -253,9 +257,8 @@ class GGUFFile:
             raise ValueError(f"{self.path}: malformed tokenizer metadata ({err}); pass a tokenizer with "
                              "--tokenizer") from None
         bos = self._field("tokenizer.ggml.bos_token_id", None)
-        eos = [self._field(k, None) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
         ids = {"bos_token_id": bos if self._field("tokenizer.ggml.add_bos_token", True) else None,
-               "eos_token_ids": [int(e) for e in eos if e is not None],
+               "eos_token_ids": self._eos_ids(),
                "pad_token_id": self._field("tokenizer.ggml.padding_token_id", None)}
         tok = Tokenizer(backend, self._field("tokenizer.chat_template", None), ids)
         return tok.check_fits(self.config.vocab_size, f"in {self.path}")
@@ -440,8 +443,7 @@ def _q4_k(blocks: torch.Tensor) -> QTensor:
     lead = blocks.shape[:-2]  # [..., N]
     qs = blocks[..., 16:].unflatten(-1, (4, 1, 32))  # [..., N, B, chunk, 1, j]
     codes = torch.cat([qs & 15, qs >> 4], -2).flatten(-3, -2)  # [..., N, B, 8 sub-blocks, 32]
-    packed_codes = codes[..., :16] | (codes[..., 16:] << 4)  # [..., N, B, 8, 16]: byte j = inputs j and j + 16
-    return QTensor("int4", packed_codes.reshape(*lead, -1), *_k_scales(blocks))
+    return QTensor("int4", pack_int4(codes.reshape(*lead, -1), 32), *_k_scales(blocks))
 
 
 def _q5_k(blocks: torch.Tensor) -> QTensor:
@@ -480,13 +482,6 @@ def _two_bit_codes(qs: torch.Tensor) -> torch.Tensor:
     return _crumbs(qs.unflatten(-1, (2, 1, 32))).flatten(-3, -2)  # [..., half, 4, 32] -> [..., 8, 32]
 
 
-def _int4_groups_of_16(codes: torch.Tensor) -> torch.Tensor:
-    """Codes 0..15 uint8 [..., N, K/256, 8, 32] in weight order -> int4 bytes [..., N, K/2] for groups of 16 (byte j
-    of a group: input j in its low nibble, input j + 8 in its high one)."""
-    groups = codes.reshape(*codes.shape[:-3], -1, 16)  # [..., N, K/16, 16]
-    return (groups[..., :8] | (groups[..., 8:] << 4)).flatten(-2)
-
-
 def _q3_k(blocks: torch.Tensor) -> QTensor:
     """Q3_K super-blocks uint8 [..., N, K/256, 110] -> int4 QTensor [..., N, K] with group 16, codes 0..7, float16
     scales d * (sc - 32) and offsets -4 * scale. A block is hmask[32], qs[64], scales[12], d f16; weight value
@@ -504,7 +499,7 @@ def _q3_k(blocks: torch.Tensor) -> QTensor:
     sc = (low | (top << 4)).float() - 32  # [..., N, B, 16]
     d = _half(blocks, 108)  # [..., N, B, 1]
     scale = (d * sc).flatten(-2)  # [..., N, K/16], exact in float32
-    return QTensor("int4", _int4_groups_of_16(codes), *_compact(scale, scale * -4))
+    return QTensor("int4", pack_int4(codes.flatten(-3), 16), *_compact(scale, scale * -4))
 
 
 def _q2_k(blocks: torch.Tensor) -> QTensor:
@@ -516,7 +511,8 @@ def _q2_k(blocks: torch.Tensor) -> QTensor:
     d, dmin = _half(blocks, 80), _half(blocks, 82)  # [..., N, B, 1] each
     scale = (d * (sc & 15).float()).flatten(-2)  # [..., N, K/16]
     offset = (-(dmin * (sc >> 4).float())).flatten(-2)
-    return QTensor("int4", _int4_groups_of_16(_two_bit_codes(blocks[..., 16:80])), *_compact(scale, offset))
+    codes = _two_bit_codes(blocks[..., 16:80]).flatten(-3)  # [..., N, K] in weight order
+    return QTensor("int4", pack_int4(codes, 16), *_compact(scale, offset))
 
 
 _IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # IQ4_NL / IQ4_XS codes
