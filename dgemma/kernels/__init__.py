@@ -6,6 +6,7 @@ on CPU tensors for the tests)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import warnings
@@ -18,6 +19,12 @@ _WORKS: dict[torch.device, bool] = {}  # GPU -> whether Triton's probe (`_probe`
 def interpreting() -> bool:
     """Whether Triton kernels run in its interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _installed() -> bool:
+    """Whether the triton package can be imported (looked up once: norms ask on every call)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def _probe(device: torch.device) -> bool:
@@ -41,7 +48,7 @@ def _probe(device: torch.device) -> bool:
 def triton_available(x: torch.Tensor) -> bool:
     """Whether the Triton kernels can run on `x`: Triton is installed and x is on a GPU where `_probe` passed (probed
     on the first call for that GPU outside a CUDA graph capture), or the interpreter is on."""
-    if not (x.is_cuda or interpreting()) or importlib.util.find_spec("triton") is None:
+    if not (x.is_cuda or interpreting()) or not _installed():
         return False
     if interpreting():
         return True
