@@ -1,4 +1,5 @@
-"""GGUF files (llama.cpp's single-file format) read through the `gguf` package (`pip install dgemma[gguf]`).
+"""GGUF files (llama.cpp's single-file format): the container read by `gguf_reader`, the blocks decoded or
+repacked with the `gguf` package's types and decoders (`pip install dgemma[gguf]`).
 
 llama.cpp has no DiffusionGemma architecture, so dgemma defines one, following its `gemma4` conventions:
 
@@ -71,6 +72,7 @@ from ..config import GenerationSettings, ModelConfig
 from ..tokenizer import Tokenizer
 from .convert import Entry
 from .formats import QTensor, dequantize, pack_int4, unpack_int4
+from .gguf_reader import GGUFReader
 from .modules import role
 
 ARCH = "diffusion_gemma"
@@ -119,12 +121,10 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).expanduser()
-        gguf = _gguf()
+        _gguf()
         try:
-            self.reader = gguf.GGUFReader(self.path)
+            self.reader = GGUFReader(self.path)
         except ValueError as err:
-            if "GGMLQuantizationType" in str(err):
-                raise ValueError(f"{self.path}: a tensor has an unknown GGML type ({err})") from None
             raise ValueError(f"{self.path}: not a readable GGUF file ({err})") from None
         arch = self._field("general.architecture", None)
         if arch != ARCH:
@@ -139,12 +139,11 @@ class GGUFFile:
         self.settings = GenerationSettings()
 
     def _field(self, key: str, default=_REQUIRED):
-        field = self.reader.get_field(key)
-        if field is None:
+        if key not in self.reader.fields:
             if default is _REQUIRED:
                 raise ValueError(f"{self.path}: GGUF metadata lacks {key!r}")
             return default
-        return field.contents()
+        return self.reader.fields[key]
 
     def _float(self, key: str, default: float) -> float:
         """A float32 metadata value as the decimal it was written from (1e-06, not 9.99999997e-07)."""
