@@ -73,7 +73,10 @@ class DiffusionGemma(nn.Module):
         super().__init__()
         self.config = cfg
         n = cfg.num_hidden_layers
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Zeros, not nn.Embedding's own N(0, 1) draw: weights come from a checkpoint or `init_weights`, and on the
+        # meta device (where every loader builds first) that draw imports torch._dynamo, 0.8 s of each load.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.zeros(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(n))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_conditioning = SelfConditioning(cfg)
