@@ -85,10 +85,13 @@ def _cut(path, n):
     ("repeated tensor name", "a tensor name is repeated"),
     ("bad value type", "unknown metadata value type 77"),
     ("partial block", "shape \\[100, 3\\] does not hold whole Q8_0 blocks of 32"),
+    ("huge tensor", "tensor 'q8' runs past the end of the file"),
+    ("zero alignment", "general.alignment is 0, not a positive integer"),
 ])
 def test_damaged_or_unsupported_files_are_refused_by_name(tmp_path, fault, message):
     path = tmp_path / "m.gguf"
-    _write(path, endian=gguf.GGUFEndian.BIG if fault == "big-endian" else None)
+    _write(path, alignment=64 if fault == "zero alignment" else None,
+           endian=gguf.GGUFEndian.BIG if fault == "big-endian" else None)
     raw = bytearray(path.read_bytes())
     if fault == "not gguf":
         raw[:4] = b"GGUL"
@@ -111,6 +114,12 @@ def test_damaged_or_unsupported_files_are_refused_by_name(tmp_path, fault, messa
     elif fault == "partial block":
         at = raw.index(b"q8") + 2 + 4  # the name, the dimension count, then the row length
         raw[at:at + 8] = (100).to_bytes(8, "little")
+    elif fault == "huge tensor":
+        at = raw.index(b"q8") + 2 + 4
+        raw[at:at + 16] = (2**63 - 32).to_bytes(8, "little") * 2  # rows x columns overflows 64 bits
+    elif fault == "zero alignment":
+        at = raw.index(b"general.alignment") + len("general.alignment") + 4  # the key, then its value type u32
+        raw[at:at + 4] = (0).to_bytes(4, "little")
     path.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match=message):
         GGUFReader(path)

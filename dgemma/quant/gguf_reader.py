@@ -18,6 +18,7 @@ Must not: decode quantized blocks (the package does), or write files.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -68,7 +69,9 @@ class GGUFReader:
             table = [(self._string(), self._take(f"{self._take('I')[0]}Q"), *self._take("IQ")) for _ in range(n_tensors)]
         except (struct.error, UnicodeDecodeError) as err:
             raise ValueError(f"the header is cut short or garbled at byte {self._pos} ({err})") from None
-        align = int(self.fields.get("general.alignment", 32))
+        align = self.fields.get("general.alignment", 32)
+        if not isinstance(align, int) or align <= 0:
+            raise ValueError(f"general.alignment is {align!r}, not a positive integer")
         start = -(-self._pos // align) * align
         self.tensors: list[GGUFTensor] = []
         for name, dims, raw_type, offset in table:
@@ -81,7 +84,7 @@ class GGUFReader:
             if not shape or shape[-1] % block:
                 raise ValueError(f"tensor {name!r}: shape {list(dims)} does not hold whole {kind.name} blocks of "
                                  f"{block}")
-            n_bytes = int(np.prod(shape, dtype=np.int64)) // block * size
+            n_bytes = math.prod(shape) // block * size
             if start + offset + n_bytes > len(self._map):
                 raise ValueError(f"tensor {name!r} runs past the end of the file")
             if kind.name in _TYPED:
