@@ -72,10 +72,12 @@ def one_thread():
 @pytest.fixture
 def float32_products(monkeypatch):
     """Quantized products in float32 even on CPUs whose fused path multiplies float32 as bfloat16 (AMX or AVX-512
-    BF16): for tests that compare a quantized model with its dequantized float twin closely."""
-    from dgemma.kernels import dequant_matmul
+    BF16), and int4 experts without PyTorch's bfloat16 int4 kernel: for tests that compare a quantized model with its
+    dequantized float twin closely."""
+    from dgemma.kernels import dequant_matmul, int4_cpu
 
     monkeypatch.setattr(dequant_matmul, "CPU_BF16", False)
+    monkeypatch.setattr(int4_cpu, "ENABLED", False)
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..kernels import dequant_matmul as kernels
+from ..kernels import int4_cpu
 from ..kernels import triton_dequant
 from ..model.diffusion_gemma import DiffusionGemma
 from ..model.layers import Experts, gated_mlp, triton_mlp
@@ -62,14 +63,21 @@ class QuantWeight(torch.Tensor):
     """A read-only float view [..., N, K] of a QTensor in `dtype`, without storage of its own."""
 
     @staticmethod
-    def __new__(cls, q: QTensor, dtype: torch.dtype):
+    def __new__(cls, q: QTensor, dtype: torch.dtype, load=None):
         return torch.Tensor._make_wrapper_subclass(cls, q.shape, dtype=dtype, device=q.codes.device)
 
-    def __init__(self, q: QTensor, dtype: torch.dtype):
-        self.q = q
+    def __init__(self, q: QTensor, dtype: torch.dtype, load=None):
+        """`q` gives the metadata; `load()`, where given, the QTensor in dgemma's layout when data is needed (for a
+        weight stored in another order, converted on each use)."""
+        self._stored, self._load = q, load
+
+    @property
+    def q(self) -> QTensor:
+        return self._stored if self._load is None else self._load()
 
     def __repr__(self) -> str:
-        return f"QuantWeight({self.q.kind}, shape={tuple(self.q.shape)}, group={self.q.group_size})"
+        q = self._stored
+        return f"QuantWeight({q.kind}, shape={tuple(q.shape)}, group={q.group_size})"
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -125,10 +133,13 @@ class _Quantized:
         b = self._buffers
         return QTensor(self._kinds[name], b[name + "_codes"], b[name + "_scale"], b.get(name + "_offset"))
 
+    def _view(self, name: str) -> QuantWeight:
+        return QuantWeight(self.qtensor(name), self.compute_dtype)
+
     def __getattr__(self, name: str):
         kinds = self.__dict__.get("_kinds")
         if kinds is not None and name in kinds:
-            return QuantWeight(self.qtensor(name), self.compute_dtype)
+            return self._view(name)
         return super().__getattr__(name)
 
 
@@ -152,16 +163,67 @@ class QuantLinear(_Quantized, nn.Module):
 class QuantExperts(_Quantized, Experts):
     """`Experts` whose gate_up_proj [E, 2I, H] and down_proj [E, H, I] may each be quantized or float. Routing is
     inherited. The products run, on a GPU with Triton and both weights int8/int4, every expert in one grouped Triton
-    launch per product (`_grouped_mlp`); on the CPU with both weights quantized, in grouped products over a few
-    dequantized experts at a time (`kernels.grouped_linear`: one call per tile of experts, not per expert); else
-    expert by expert through the quantized kernel."""
+    launch per product (`_grouped_mlp`); on the CPU with both weights quantized, each product either through PyTorch's
+    packed int4 kernel (`kernels.int4_cpu`) or in grouped products over a few dequantized experts at a time
+    (`kernels.grouped_linear`: one call per tile of experts, not per expert); else expert by expert through the
+    quantized kernel.
+    On a CPU the kernel supports (`int4_cpu.supported`), an int4 weight next to a quantized one is stored in the
+    kernel's nibble order as it is set, in the buffer `<name>_kernel_codes` instead of `<name>_codes` (`_kernel_layout`
+    names those weights; a state dict holding them loads nowhere by mistake). `qtensor` gives dgemma's layout, a
+    converted copy; moving the module (`.to`, `.cuda`) converts back first. Products that autograd records take the
+    dequantizing path (the kernel has no backward)."""
 
     def __init__(self, gate_up: QTensor | torch.Tensor, down: QTensor | torch.Tensor, compute_dtype: torch.dtype):
         nn.Module.__init__(self)
         self._kinds: dict[str, str] = {}
+        self._kernel_layout: set[str] = set()
         self.compute_dtype = compute_dtype
         self.set_weight("gate_up_proj", gate_up)
         self.set_weight("down_proj", down)
+
+    def set_weight(self, name: str, value: QTensor | torch.Tensor) -> None:
+        self._kernel_layout.discard(name)
+        self._buffers.pop(name + "_kernel_codes", None)
+        super().set_weight(name, value)
+        self._adopt_kernel_layout()
+
+    def _adopt_kernel_layout(self) -> None:
+        """Store each int4 weight in the CPU kernel's order where `int4_cpu.supported` and the other weight is
+        quantized too (so `_mlp` never needs the dequantizing path for it outside autograd)."""
+        for name, other in (("gate_up_proj", "down_proj"), ("down_proj", "gate_up_proj")):
+            if name in self._kernel_layout or other not in self._kinds:
+                continue
+            q = _Quantized.qtensor(self, name)
+            if q is not None and int4_cpu.supported(q):
+                self._buffers[name + "_kernel_codes"] = int4_cpu.to_kernel_layout(q.codes, q.group_size)
+                del self._buffers[name + "_codes"]
+                self._kernel_layout.add(name)
+
+    def _stored(self, name: str) -> QTensor:
+        """Weight `name` as stored: for one in `_kernel_layout`, its codes in the kernel's order."""
+        b = self._buffers
+        return QTensor("int4", b[name + "_kernel_codes"], b[name + "_scale"], b[name + "_offset"])
+
+    def qtensor(self, name: str) -> QTensor | None:
+        """Weight `name` in dgemma's layout (a converted copy where it is stored in the CPU kernel's order)."""
+        if name not in self._kernel_layout:
+            return super().qtensor(name)
+        q = self._stored(name)
+        return QTensor(q.kind, int4_cpu.from_kernel_layout(q.codes, q.group_size), q.scale, q.offset)
+
+    def _view(self, name: str) -> QuantWeight:
+        if name not in self._kernel_layout:
+            return super()._view(name)
+        return QuantWeight(self._stored(name), self.compute_dtype, lambda: self.qtensor(name))
+
+    def _apply(self, fn, recurse=True):
+        for name in list(self._kernel_layout):  # back to dgemma's layout, which every device reads
+            self._buffers[name + "_codes"] = self.qtensor(name).codes
+            del self._buffers[name + "_kernel_codes"]
+            self._kernel_layout.discard(name)
+        super()._apply(fn, recurse)
+        self._adopt_kernel_layout()
+        return self
 
     def _product(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
         """x [P, K] @ weight `name`[expert]^T -> [P, N]."""
@@ -175,12 +237,23 @@ class QuantExperts(_Quantized, Experts):
         if xs.is_cuda and triton_dequant.available(xs) and \
                 all(self._kinds.get(name) in triton_dequant.KINDS for name in ("gate_up_proj", "down_proj")):
             return self._grouped_mlp(xs, counts)
-        gate_up, down = self.qtensor("gate_up_proj"), self.qtensor("down_proj")
-        if not xs.is_cuda and gate_up is not None and down is not None and \
-                kernels.grouped_ok(xs, gate_up) and kernels.grouped_ok(xs, down):
-            return gated_mlp(xs, lambda x: kernels.grouped_linear(x, counts, gate_up),
-                             lambda h: kernels.grouped_linear(h, counts, down))
+        if not xs.is_cuda:
+            products = [self._cpu_product(xs, counts, name) for name in ("gate_up_proj", "down_proj")]
+            if None not in products:
+                return gated_mlp(xs, *products)
         return self._expert_loop(xs, counts)
+
+    def _cpu_product(self, xs: torch.Tensor, counts: torch.Tensor, name: str):
+        """A function x -> the grouped product of x with weight `name` on the CPU: the packed int4 kernel where the
+        weight is in its order and autograd records nothing, else grouped dequantizing products; None for a float
+        weight or one `kernels.grouped_ok` refuses."""
+        if name in self._kernel_layout and not (torch.is_grad_enabled() and xs.requires_grad):
+            stored = self._stored(name)
+            return lambda x: int4_cpu.grouped_linear(x, counts, stored)
+        q = self.qtensor(name)
+        if q is None or not kernels.grouped_ok(xs, q):
+            return None
+        return lambda x: kernels.grouped_linear(x, counts, q)
 
     def _grouped_mlp(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """`_mlp` with one grouped Triton launch per product; both weights int8/int4, needs `available(xs)`."""
@@ -299,7 +372,7 @@ def build(cfg: ModelConfig, entries: Iterable[tuple[str, QTensor | torch.Tensor]
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ValueError(f"{source}: missing tensor {missing[0]}{more}")
     net.load_state_dict(floats, strict=False, assign=True)
-    for target, value in quantized.items():
-        _swap(net, target, value, dtype)
+    for target in list(quantized):  # popped, so a weight stored anew (the CPU kernel's order) frees the old codes
+        _swap(net, target, quantized.pop(target), dtype)
     net.requires_grad_(False)
     return net.eval()
