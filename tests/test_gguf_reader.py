@@ -87,6 +87,7 @@ def _cut(path, n):
     ("partial block", "shape \\[100, 3\\] does not hold whole Q8_0 blocks of 32"),
     ("huge tensor", "tensor 'q8' runs past the end of the file"),
     ("zero alignment", "general.alignment is 0, not a positive integer"),
+    ("deeply nested arrays", "metadata arrays nested more than 8 deep"),
 ])
 def test_damaged_or_unsupported_files_are_refused_by_name(tmp_path, fault, message):
     path = tmp_path / "m.gguf"
@@ -117,6 +118,9 @@ def test_damaged_or_unsupported_files_are_refused_by_name(tmp_path, fault, messa
     elif fault == "huge tensor":
         at = raw.index(b"q8") + 2 + 4
         raw[at:at + 16] = (2**63 - 32).to_bytes(8, "little") * 2  # rows x columns overflows 64 bits
+    elif fault == "deeply nested arrays":  # t.nested, [[1, 2], [3]], becomes 100,000 one-array arrays around [1, 2]
+        at = raw.index(b"t.nested") + len("t.nested") + 4  # the key, its value type, then: element type u32, count u64
+        raw[at:at + 12] = ((9).to_bytes(4, "little") + (1).to_bytes(8, "little")) * 100_000
     elif fault == "zero alignment":
         at = raw.index(b"general.alignment") + len("general.alignment") + 4  # the key, then its value type u32
         raw[at:at + 4] = (0).to_bytes(4, "little")

@@ -120,3 +120,42 @@ def test_the_kernel_can_be_turned_off(int4_pair, monkeypatch):
     monkeypatch.setattr(int4_cpu, "ENABLED", False)
     qnet = quantize_model(copy.deepcopy(net), "int4", 32)
     assert not any(getattr(m, "_kernel_layout", None) for m in qnet.modules())
+
+
+@kernel
+def test_staying_on_the_cpu_keeps_the_kernel_layout_without_converting(int4_pair, monkeypatch):
+    _, _, packed = int4_pair
+    moved = copy.deepcopy(packed)
+    calls = []
+    monkeypatch.setattr(int4_cpu, "from_kernel_layout", lambda *a: calls.append(a))
+    moved.float().share_memory()
+    experts = moved.layers[0].experts
+    assert experts._kernel_layout == {"gate_up_proj", "down_proj"} and not calls
+    assert experts._buffers["gate_up_proj_kernel_codes"].is_shared()
+
+
+@kernel
+def test_expert_by_expert_products_convert_one_expert_at_a_time(int4_pair, monkeypatch):
+    """With autograd recording and grouped products refused, each expert's product converts only that expert."""
+    from dgemma.kernels import dequant_matmul
+
+    _, plain, packed = int4_pair
+    experts, reference = packed.layers[0].experts, plain.layers[0].experts
+    converted = []
+    convert = int4_cpu.from_kernel_layout
+    monkeypatch.setattr(int4_cpu, "from_kernel_layout", lambda codes, group: converted.append(codes.shape[0]) or
+                        convert(codes, group))
+    monkeypatch.setattr(dequant_matmul, "grouped_ok", lambda xs, q: False)
+    xs = torch.randn(6, packed.config.hidden_size, requires_grad=True)
+    counts = torch.tensor([2, 0, 4] + [0] * (packed.config.num_experts - 3))
+    out = experts._mlp(xs, counts)
+    assert converted == [1, 1, 1, 1]  # two experts with rows, two weights each
+    torch.testing.assert_close(out, reference._mlp(xs, counts), rtol=0, atol=0)
+
+
+@kernel
+def test_conversions_work_under_another_default_device(int4_pair):
+    _, plain, packed = int4_pair
+    with torch.device("meta"):
+        codes = packed.layers[0].experts.qtensor("gate_up_proj").codes
+    assert codes.device.type == "cpu" and torch.equal(codes, plain.layers[0].experts.qtensor("gate_up_proj").codes)

@@ -46,8 +46,8 @@ def supported(q: QTensor) -> bool:
 def _order(n: int, k: int) -> torch.Tensor:
     """int32 [N * K]: for each nibble of the kernel's packing of an [N, K] code matrix (byte i's low nibble is nibble
     2i), the row-major index of the code it holds. Found by packing the digits of every index, base 16."""
-    index = torch.arange(n * k, dtype=torch.int64)
-    source = torch.zeros(n * k, dtype=torch.int64)
+    index = torch.arange(n * k, dtype=torch.int64, device="cpu")
+    source = torch.zeros(n * k, dtype=torch.int64, device="cpu")
     shift = 0
     while (n * k - 1) >> shift:
         digits = ((index >> shift) & 15).view(n, k).to(torch.int32)
@@ -69,11 +69,12 @@ def to_kernel_layout(codes: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def from_kernel_layout(codes: torch.Tensor, group: int) -> torch.Tensor:
-    """The inverse of `to_kernel_layout`, into a new tensor: uint8 [E, N, K / 2] in dgemma's layout."""
+    """The inverse of `to_kernel_layout`, into a new tensor: uint8 [E, N, K / 2] in dgemma's layout, on the codes'
+    device."""
     e, n, half = codes.shape
-    order = _order(n, 2 * half)
+    order = _order(n, 2 * half).to(codes.device)
     out = torch.empty_like(codes)
-    logical = torch.empty(n * 2 * half, dtype=torch.uint8)
+    logical = torch.empty(n * 2 * half, dtype=torch.uint8, device=codes.device)
     for i in range(e):
         logical[order] = torch.stack([codes[i] & 15, codes[i] >> 4], -1).flatten()
         out[i] = pack_int4(logical.view(n, 2 * half), group)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 _STRING, _ARRAY = 8, 9
+_MAX_DEPTH = 8  # arrays of arrays: deeper nesting is refused, not recursed into
 _SCALARS = {0: "u1", 1: "i1", 2: "u2", 3: "i2", 4: "u4", 5: "i4", 6: "f4", 7: "?", 10: "u8", 11: "i8", 12: "f8"}
 _TYPED = {"F32": "f4", "F16": "f2", "F64": "f8", "I8": "i1", "I16": "i2", "I32": "i4", "I64": "i8"}
 
@@ -112,18 +113,20 @@ class GGUFReader:
         self._pos = end
         return text
 
-    def _value(self, kind: int):
-        """One metadata value of GGUF type `kind` at the cursor, as Python values."""
+    def _value(self, kind: int, depth: int = 0):
+        """One metadata value of GGUF type `kind` at the cursor, as Python values (`depth`: arrays it is inside)."""
         if kind == _STRING:
             return self._string()
         if kind in _SCALARS:
             return self._array(kind, 1)[0]
         if kind != _ARRAY:
             raise struct.error(f"unknown metadata value type {kind}")
+        if depth == _MAX_DEPTH:
+            raise struct.error(f"metadata arrays nested more than {_MAX_DEPTH} deep")
         inner, n = self._take("IQ")
         if inner in _SCALARS:
             return self._array(inner, n)
-        return [self._value(inner) for _ in range(n)]
+        return [self._value(inner, depth + 1) for _ in range(n)]
 
     def _array(self, kind: int, n: int) -> list:
         dtype = np.dtype("<" + _SCALARS[kind])

@@ -2,11 +2,13 @@
 
 - `QuantLinear` replaces an `nn.Linear` (attention q/k/v/o, dense and self-conditioning MLPs; the router stays float).
 - `QuantExperts` replaces `Experts`: same routing code; its `_mlp` runs all experts at once (on a GPU with Triton, one
-  grouped launch per product, int8/int4 weights; on the CPU, grouped products over a few dequantized experts at a
-  time), else each expert through the quantized kernel.
+  grouped launch per product, int8/int4 weights; on the CPU, int4 weights through PyTorch's packed int4 kernel where
+  the CPU has it, others in grouped products over a few dequantized experts at a time), else each expert through the
+  quantized kernel.
 - `QuantEmbedding` replaces the tied `embed_tokens`: lookups dequantize only the rows asked for, and its `.weight`
   (used by the model as the LM head and for self-conditioning's soft embeddings) is a `QuantWeight` view.
-A quantized weight `w` lives in three buffers, `w_codes`, `w_scale` and `w_offset` (when it has offsets); reading
+A quantized weight `w` lives in three buffers, `w_codes`, `w_scale` and `w_offset` (when it has offsets; int4 experts
+in the CPU kernel's order keep their codes in `w_kernel_codes` instead, see `QuantExperts`); reading
 the attribute `w` gives a `QuantWeight`, a storage-less tensor that dispatches F.linear, matmul, F.embedding and
 indexing of its first dimension to `dgemma.kernels.dequant_matmul` and refuses anything else. `compute_dtype` is the
 activation dtype, fixed when the model is built: choose the dtype at load time, not with `.to(dtype)` afterwards (that
@@ -92,7 +94,8 @@ class QuantWeight(torch.Tensor):
             return kernels.matmul(args[0], args[1].q)
         if func is F.embedding and isinstance(args[1], cls) and not kwargs.get("max_norm"):
             return kernels.embedding(args[0], args[1].q, args[1].dtype)
-        if name == "__getitem__" and isinstance(args[0], cls) and isinstance(args[1], int) and args[0].q.codes.dim() > 2:
+        if name == "__getitem__" and isinstance(args[0], cls) and isinstance(args[1], int) and \
+                args[0]._stored.codes.dim() > 2:
             return cls(args[0].q.map(lambda t: t[args[1]]), args[0].dtype)
         raise TypeError(f"a quantized weight does not support {name}(); only linear, matmul, embedding and "
                         "indexing the expert dimension are fused (dequantize it first)")
@@ -167,11 +170,12 @@ class QuantExperts(_Quantized, Experts):
     packed int4 kernel (`kernels.int4_cpu`) or in grouped products over a few dequantized experts at a time
     (`kernels.grouped_linear`: one call per tile of experts, not per expert); else expert by expert through the
     quantized kernel.
-    On a CPU the kernel supports (`int4_cpu.supported`), an int4 weight next to a quantized one is stored in the
-    kernel's nibble order as it is set, in the buffer `<name>_kernel_codes` instead of `<name>_codes` (`_kernel_layout`
-    names those weights; a state dict holding them loads nowhere by mistake). `qtensor` gives dgemma's layout, a
-    converted copy; moving the module (`.to`, `.cuda`) converts back first. Products that autograd records take the
-    dequantizing path (the kernel has no backward)."""
+    On a CPU the kernel supports (`int4_cpu.supported`), an int4 weight set next to a quantized one is stored in the
+    kernel's nibble order, in the buffer `<name>_kernel_codes` instead of `<name>_codes` (`_kernel_layout` names those
+    weights; a state dict holding them loads nowhere by mistake). `qtensor` gives dgemma's layout, a converted copy of
+    the whole stack; one expert's product (`_product`) converts only that expert. Moving the module off the CPU
+    (`.to`, `.cuda`) converts back there; staying on it (`share_memory`, `.float()`) keeps the kernel's order. Products
+    that autograd records take the dequantizing path, converting first (the kernel has no backward)."""
 
     def __init__(self, gate_up: QTensor | torch.Tensor, down: QTensor | torch.Tensor, compute_dtype: torch.dtype):
         nn.Module.__init__(self)
@@ -189,7 +193,7 @@ class QuantExperts(_Quantized, Experts):
 
     def _adopt_kernel_layout(self) -> None:
         """Store each int4 weight in the CPU kernel's order where `int4_cpu.supported` and the other weight is
-        quantized too (so `_mlp` never needs the dequantizing path for it outside autograd)."""
+        quantized too (a half-float module is a conversion in progress)."""
         for name, other in (("gate_up_proj", "down_proj"), ("down_proj", "gate_up_proj")):
             if name in self._kernel_layout or other not in self._kinds:
                 continue
@@ -217,16 +221,22 @@ class QuantExperts(_Quantized, Experts):
         return QuantWeight(self._stored(name), self.compute_dtype, lambda: self.qtensor(name))
 
     def _apply(self, fn, recurse=True):
-        for name in list(self._kernel_layout):  # back to dgemma's layout, which every device reads
-            self._buffers[name + "_codes"] = self.qtensor(name).codes
-            del self._buffers[name + "_kernel_codes"]
-            self._kernel_layout.discard(name)
         super()._apply(fn, recurse)
-        self._adopt_kernel_layout()
+        for name in list(self._kernel_layout):
+            q = self._stored(name)
+            if q.codes.device.type != "cpu":  # moved off the CPU: back to dgemma's layout, which every device reads
+                self._buffers[name + "_codes"] = int4_cpu.from_kernel_layout(q.codes, q.group_size)
+                del self._buffers[name + "_kernel_codes"]
+                self._kernel_layout.discard(name)
+        self._adopt_kernel_layout()  # moved onto the CPU
         return self
 
     def _product(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
         """x [P, K] @ weight `name`[expert]^T -> [P, N]."""
+        if name in self._kernel_layout:
+            q = self._stored(name).map(lambda t: t[expert:expert + 1])  # [1, N, K]: this expert alone
+            q = QTensor(q.kind, int4_cpu.from_kernel_layout(q.codes, q.group_size), q.scale, q.offset)
+            return kernels.linear(x, q.map(lambda t: t[0]))
         q = self.qtensor(name)
         if q is None:
             return F.linear(x, self._buffers[name][expert])
@@ -237,23 +247,26 @@ class QuantExperts(_Quantized, Experts):
         if xs.is_cuda and triton_dequant.available(xs) and \
                 all(self._kinds.get(name) in triton_dequant.KINDS for name in ("gate_up_proj", "down_proj")):
             return self._grouped_mlp(xs, counts)
-        if not xs.is_cuda:
-            products = [self._cpu_product(xs, counts, name) for name in ("gate_up_proj", "down_proj")]
-            if None not in products:
-                return gated_mlp(xs, *products)
-        return self._expert_loop(xs, counts)
+        if xs.is_cuda:
+            return self._expert_loop(xs, counts)
+        return gated_mlp(xs, self._cpu_product(xs, counts, "gate_up_proj"), self._cpu_product(xs, counts, "down_proj"))
 
     def _cpu_product(self, xs: torch.Tensor, counts: torch.Tensor, name: str):
         """A function x -> the grouped product of x with weight `name` on the CPU: the packed int4 kernel where the
-        weight is in its order and autograd records nothing, else grouped dequantizing products; None for a float
-        weight or one `kernels.grouped_ok` refuses."""
-        if name in self._kernel_layout and not (torch.is_grad_enabled() and xs.requires_grad):
-            stored = self._stored(name)
+        weight is in its order, autograd records nothing and `kernels.FUSED` is on, grouped dequantizing products where `kernels.grouped_ok`
+        takes the weight, else expert by expert (`_product`)."""
+        stored = self._stored(name) if name in self._kernel_layout else _Quantized.qtensor(self, name)
+        if name in self._kernel_layout and kernels.FUSED and not (torch.is_grad_enabled() and xs.requires_grad):
             return lambda x: int4_cpu.grouped_linear(x, counts, stored)
-        q = self.qtensor(name)
-        if q is None or not kernels.grouped_ok(xs, q):
-            return None
-        return lambda x: kernels.grouped_linear(x, counts, q)
+        if stored is not None and kernels.grouped_ok(xs, stored):
+            q = self.qtensor(name)  # in dgemma's layout
+            return lambda x: kernels.grouped_linear(x, counts, q)
+        bounds = [0] + counts.cumsum(0).tolist()
+
+        def by_expert(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self._product(x[lo:hi], name, e)
+                              for e, (lo, hi) in enumerate(zip(bounds, bounds[1:])) if hi > lo])
+        return by_expert
 
     def _grouped_mlp(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """`_mlp` with one grouped Triton launch per product; both weights int8/int4, needs `available(xs)`."""
