@@ -159,3 +159,13 @@ def test_conversions_work_under_another_default_device(int4_pair):
     with torch.device("meta"):
         codes = packed.layers[0].experts.qtensor("gate_up_proj").codes
     assert codes.device.type == "cpu" and torch.equal(codes, plain.layers[0].experts.qtensor("gate_up_proj").codes)
+
+
+@kernel
+def test_moving_off_the_cpu_converts_back_to_dgemmas_layout(int4_pair):
+    """The off-CPU branch, on the meta device (shapes only): the kernel's buffers give way to dgemma's."""
+    _, _, packed = int4_pair
+    experts = copy.deepcopy(packed).to("meta").layers[0].experts
+    assert not experts._kernel_layout
+    assert "gate_up_proj_codes" in experts._buffers and "gate_up_proj_kernel_codes" not in experts._buffers
+    assert experts._buffers["gate_up_proj_codes"].device.type == "meta"
