@@ -87,11 +87,13 @@ def grouped_linear(xs: torch.Tensor, counts: torch.Tensor, q: QTensor) -> torch.
     x = xs.to(torch.bfloat16)  # [P, K]
     out = xs.new_empty(xs.shape[0], q.shape[1])  # [P, N]
     start = 0
+    pairs = torch.empty(q.scale.shape[2], q.shape[1], 2, dtype=torch.bfloat16)  # [K/G, N, (scale, zero)]
     for i, count in enumerate(counts.tolist()):
         if count:
-            scale = q.scale[i].float()  # [N, K / G]
-            pairs = torch.stack([scale, q.offset[i].float() + 8 * scale], -1).transpose(0, 1).to(torch.bfloat16)
+            scale = q.scale[i].t()  # [K/G, N]
+            pairs[..., 0] = scale
+            pairs[..., 1] = torch.add(q.offset[i].t().float(), scale.float(), alpha=8)
             out[start:start + count] = torch._weight_int4pack_mm_for_cpu(x[start:start + count], q.codes[i],
-                                                                         q.group_size, pairs.contiguous())
+                                                                         q.group_size, pairs)
             start += count
     return out
