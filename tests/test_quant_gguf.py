@@ -11,6 +11,7 @@ import torch
 import dgemma
 from dgemma.api import Model
 from dgemma.config import SLIDING, preset
+from dgemma.kernels import int4_cpu
 from dgemma.quant import QTensor
 from test_quant import _realistic
 
@@ -282,6 +283,22 @@ def test_gguf_loads_and_matches_the_decoded_weights(tiny_net, tmp_path, types, s
     assert experts.qtensor("gate_up_proj").group_size == 32
     torch.testing.assert_close(_logits(model), _logits(Model(twin)), rtol=1e-4, atol=1e-4)
     assert model.parameter_bytes() < Model(tiny_net).parameter_bytes() / 2  # float32 twin
+
+
+@pytest.mark.skipif(not int4_cpu._capable(), reason="no AVX2 or AVX-512 int4 kernel on this CPU")
+def test_gguf_int4_experts_take_the_cpu_int4_kernel(tiny_net, tmp_path, monkeypatch):
+    """Q4_0 gate/up experts beside Q8_0 down ones (int4 next to int8): the int4 half is stored in the kernel's order
+    and the logits stay those of the dequantizing path."""
+    path = tmp_path / "model.gguf"
+    write_gguf(path, tiny_net, {"attn": Q.Q8_0, "mlp": Q.Q8_0, "gate_up": Q.Q4_0, "down": Q.Q8_0, "embed": Q.Q8_0},
+               split_experts=True)
+    model = dgemma.load(path)
+    assert model.net.layers[0].experts._kernel_layout == {"gate_up_proj"}
+    monkeypatch.setattr(int4_cpu, "ENABLED", False)
+    plain = dgemma.load(path)
+    assert not plain.net.layers[0].experts._kernel_layout
+    out, ref = _logits(model), _logits(plain)
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item() > 0.9999
 
 
 def test_a_gguf_model_takes_text_with_a_tokenizer_from_a_directory(tiny_net, tmp_path, float32_products):
