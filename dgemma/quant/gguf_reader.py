@@ -104,14 +104,18 @@ class GGUFReader:
         self._pos += struct.calcsize(fmt)
         return values
 
+    def _skip(self, n_bytes: int) -> int:
+        """Move the cursor past `n_bytes` bytes (a string's, or an array's values); returns where they start."""
+        start = self._pos
+        if start + n_bytes > len(self._map):
+            raise struct.error(f"{n_bytes} bytes of a value run past the end")
+        self._pos += n_bytes
+        return start
+
     def _string(self) -> str:
         (n,) = self._take("Q")
-        end = self._pos + n
-        if end > len(self._map):
-            raise struct.error(f"a string of {n} bytes runs past the end")
-        text = bytes(self._map[self._pos:end]).decode("utf-8")
-        self._pos = end
-        return text
+        start = self._skip(n)
+        return bytes(self._map[start:start + n]).decode("utf-8")
 
     def _value(self, kind: int, depth: int = 0):
         """One metadata value of GGUF type `kind` at the cursor, as Python values (`depth`: arrays it is inside)."""
@@ -130,8 +134,4 @@ class GGUFReader:
 
     def _array(self, kind: int, n: int) -> list:
         dtype = np.dtype("<" + _SCALARS[kind])
-        if self._pos + n * dtype.itemsize > len(self._map):
-            raise struct.error(f"{n} values run past the end")
-        values = np.frombuffer(self._map, dtype, n, self._pos).tolist()
-        self._pos += n * dtype.itemsize
-        return values
+        return np.frombuffer(self._map, dtype, n, self._skip(n * dtype.itemsize)).tolist()
