@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import sys
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -56,7 +56,11 @@ def resolve(path_or_repo_id: str | os.PathLike, weights: bool = True) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.jinja", "tokenizer*"] + (["*.safetensors"] if weights else [])
-    return Path(snapshot_download(text, allow_patterns=patterns))
+    try:
+        return Path(snapshot_download(text, allow_patterns=patterns))
+    except Exception as err:  # the Hub client's errors (network, unknown repo, bad id) have no common base
+        raise CheckpointError(f"no checkpoint directory at {text}, and no Hub repo of that id could be fetched "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
 
 
 def _read_json(path: Path) -> dict:
@@ -102,17 +106,18 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torc
 
 
 def stored_dtype(path: Path) -> torch.dtype:
-    """The floating dtype of the first weight tensor, read from the safetensors header only."""
-    file = _weight_files(path)[0]
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                kind = f.get_slice(name).get_dtype()
-                if kind in _SAFETENSORS_DTYPES:
-                    return _SAFETENSORS_DTYPES[kind]
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{file}: unreadable safetensors file ({err})") from None
-    raise CheckpointError(f"{file}: no floating-point tensors")
+    """The floating dtype of the first float weight, which loading takes by default; read from the safetensors
+    headers only. Scales and offsets of quantized weights are not weights (they may be float32 beside bfloat16)."""
+    for file in _weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    kind = f.get_slice(name).get_dtype()
+                    if kind in _SAFETENSORS_DTYPES and not name.endswith(("_scale", "_offset")):
+                        return _SAFETENSORS_DTYPES[kind]
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file}: unreadable safetensors file ({err})") from None
+    raise CheckpointError(f"{path}: no floating-point weights")
 
 
 def _target(name: str) -> str | None:
@@ -195,13 +200,25 @@ def load_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype | None, device
     return net.eval()
 
 
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike):
-    """Yield a temporary directory beside `path`; when the block succeeds it takes the place of `path` (an older
-    directory there is moved aside first and removed last); when it fails it is removed and `path` is untouched."""
+def check_new_directory(path: str | os.PathLike) -> None:
+    """CheckpointError unless `path` is free for a new directory: absent, or an empty directory."""
     path = Path(path)
+    if path.is_dir() and any(path.iterdir()) or path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} already exists and is not an empty directory; choose a new output path "
+                              "(nothing is overwritten)")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, replace: bool = False):
+    """Yield a temporary directory beside `path`; when the block succeeds it takes the place of `path` (an older
+    directory there is moved aside first and removed last); when it fails it is removed and `path` is untouched.
+    Without `replace`, a file or non-empty directory at `path` is refused first (`check_new_directory`)."""
+    path = Path(path)
+    if not replace:
+        check_new_directory(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}")
+    tmp.mkdir()  # not mkdtemp, whose directory is private: this one gets the umask's permissions, as the result should
     try:
         yield tmp
         old = None
@@ -218,11 +235,12 @@ def atomic_directory(path: str | os.PathLike):
 
 
 def save(net: DiffusionGemma, settings: GenerationSettings, path: str | os.PathLike,
-         tokenizer: Tokenizer | None = None, extra: Callable[[Path], None] | None = None) -> Path:
+         tokenizer: Tokenizer | None = None, extra: Callable[[Path], None] | None = None,
+         replace: bool = False) -> Path:
     """Write `net` as a checkpoint directory (config.json, generation_config.json, model.safetensors, the
     tokenizer's files if given, and whatever `extra(tmp_dir)` writes). Atomic: the files are written to a temporary
-    directory that then takes the place of `path`."""
-    with atomic_directory(path) as tmp:
+    directory that then takes the place of `path`; an existing one only with `replace` (see `atomic_directory`)."""
+    with atomic_directory(path, replace) as tmp:
         tensors = {}
         for name, tensor in net.state_dict().items():
             tensor = tensor.detach()

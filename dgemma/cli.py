@@ -265,6 +265,7 @@ def _calibrated(args, embedding: str | None) -> dict:
 
 def cmd_quantize(args) -> int:
     embedding = None if args.embedding == "float" else args.embedding
+    checkpoint.check_new_directory(args.out)  # before a long calibration, not after
     calibrated = _calibrated(args, embedding) if args.calibrate else None
     summary = quant.quantize(args.model, args.out, args.to, args.group_size, embedding=embedding,
                              progress=not args.no_progress, dense=args.dense, calibrated=calibrated)
