@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -95,11 +96,42 @@ def test_cli_quantize_and_info(float_ckpt, tmp_path, capsys):
     assert info["resident_bytes"] < mixed["resident_bytes"] < info["weight_bytes"] / 2
     assert main(["info", "--model", str(float_ckpt[0])]) == 0
     assert "bytes/param  4.000" in capsys.readouterr().out
+    # From a bfloat16 checkpoint: float32 scales are not what the model's float tensors load as.
+    half = tmp_path / "half"
+    checkpoint.save(copy.deepcopy(float_ckpt[1]).to(torch.bfloat16), GenerationSettings(), half)
+    assert main(["quantize", "--model", str(half), "--to", "int8", "--out", str(tmp_path / "q8h"),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["info", "--model", str(tmp_path / "q8h"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    loaded = dgemma.load(tmp_path / "q8h")
+    assert info["dtype"] == "bfloat16" == str(loaded.dtype).removeprefix("torch.")
+    assert info["resident_bytes"] == loaded.parameter_bytes()
     with pytest.raises(SystemExit):  # argparse refuses an unknown format
         main(["quantize", "--model", str(float_ckpt[0]), "--to", "int3", "--out", str(tmp_path / "x")])
     assert main(["quantize", "--model", str(tmp_path / "missing"), "--to", "int8", "--out", str(tmp_path / "x"),
                  "--no-progress"]) == 2
     assert "no checkpoint directory" in capsys.readouterr().err
+
+
+def test_quantize_never_writes_over_an_existing_path(float_ckpt, tmp_path, capsys):
+    src = float_ckpt[0]
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.txt").write_text("important")
+    (tmp_path / "file").write_text("x")
+    for out in (src, src.parent, tmp_path / "notes", tmp_path / "file"):  # the source, its parent, a user's files
+        assert main(["quantize", "--model", str(src), "--to", "int8", "--out", str(out), "--no-progress"]) == 2
+        assert "already exists and is not an empty directory" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    assert (tmp_path / "notes" / "thesis.txt").read_text() == "important" and (tmp_path / "file").read_text() == "x"
+    (tmp_path / "empty").mkdir()
+    assert main(["quantize", "--model", str(src), "--to", "int8", "--out", str(tmp_path / "empty"),
+                 "--no-progress"]) == 0
+    mode = (tmp_path / "empty").stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o777 & ~umask  # an ordinary directory's permissions, not a private temporary one's
 
 
 # ---- FP8 (compressed-tensors, as published for vLLM) -------------------------------------------------------------
@@ -167,6 +199,11 @@ def test_fp8_compressed_tensors_checkpoint(float_ckpt, tmp_path, float32_product
     assert q.kind == "fp8" and q.codes.dtype == torch.float8_e4m3fn
     assert model.net.layers[0].experts.qtensor("gate_up_proj").shape == net.layers[0].experts.gate_up_proj.shape
     assert model.parameter_bytes() < Model(net).parameter_bytes() / 2
+    from dgemma.quant import describe  # what `dgemma info` reports is what loading holds, without reading weights
+
+    assert describe(tmp_path / "fp8", torch.float32)["resident_bytes"] == model.parameter_bytes()
+    half = dgemma.load(tmp_path / "fp8", dtype="bfloat16").parameter_bytes()
+    assert describe(tmp_path / "fp8", torch.bfloat16)["resident_bytes"] == half
     prompt, canvas = _inputs(model.config)
     torch.testing.assert_close(model.canvas_logits(prompt, canvas), Model(twin).canvas_logits(prompt, canvas),
                                rtol=1e-4, atol=1e-4)

@@ -501,6 +501,19 @@ def test_gguf_can_be_converted_to_a_quantized_directory(tiny_net, tmp_path):
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
 
 
+def test_an_f16_gguf_loads_in_float32_as_dgemma_info_counts_it(tiny_net, tmp_path, capsys):
+    from dgemma.cli import main
+
+    kinds = ("attn", "mlp", "gate_up", "down", "embed")
+    write_gguf(tmp_path / "m.gguf", tiny_net, dict.fromkeys(kinds, Q.F16))
+    model = dgemma.load(tmp_path / "m.gguf")
+    assert model.dtype == torch.float32  # not the file's float16, slow on CPUs
+    assert main(["info", "--model", str(tmp_path / "m.gguf"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["dtype"] == "float32" and info["resident_bytes"] == model.parameter_bytes()
+    assert dgemma.load(tmp_path / "m.gguf", dtype="float16").dtype == torch.float16  # when asked
+
+
 def test_gguf_conversion_progress_totals_what_loading_yields(wide_net, tmp_path):
     from dgemma.quant.gguf import GGUFFile
 

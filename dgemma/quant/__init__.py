@@ -81,7 +81,9 @@ def load_gguf(path: str | os.PathLike, device: torch.device, dtype: torch.dtype 
     `tokenizer`, the file's tokenizer metadata is not read (another tokenizer takes its place)."""
     g = GGUFFile(path)
     tok = g.tokenizer() if tokenizer else None  # before the weights: malformed metadata fails fast
-    return build(g.config, g.entries(), dtype, device, str(g.path)), g.settings, tok, g.path
+    # Float tensors in float32 unless asked otherwise (as `dgemma info` counts them): a file's F16 norms and
+    # embedding would otherwise make a float16 model, slow on CPUs and narrow for Gemma's activations.
+    return build(g.config, g.entries(), dtype or torch.float32, device, str(g.path)), g.settings, tok, g.path
 
 
 def describe(path: Path, dtype: torch.dtype) -> dict | None:
@@ -97,13 +99,10 @@ def describe(path: Path, dtype: torch.dtype) -> dict | None:
                                           meta["dense"])
         return {"quantization": f"{meta['format']}{group}{dense}{emb}", "resident_bytes": resident}
     if fp8.metadata(path) is not None:
-        tensors = convert.Tensors(path)
-        resident = 0
-        for name, _ in tensors.text():
-            if name.endswith(fp8._DROPPED):
-                continue
-            stored = tensors.nbytes(name)
-            # 16-bit float tensors load in `dtype`; FP8 codes and float32 scales stay as stored.
-            resident += stored // 2 * dtype.itemsize if tensors.stored_dtype(name) in ("BF16", "F16") else stored
+        # What the loader holds, from the headers alone: FP8 codes, their scales as float32 per row (and per block
+        # of inputs), every other tensor at `dtype`.
+        cfg, _ = checkpoint.read_config(path)
+        resident = sum(v.nbytes if isinstance(v, QTensor) else v.numel() * dtype.itemsize
+                       for _, v in fp8.entries(convert.Tensors(path, meta=True), cfg.num_experts))
         return {"quantization": "fp8 (e4m3, stored scales)", "resident_bytes": resident}
     return None

@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .. import checkpoint
-from ..checkpoint import atomic_directory
+from ..checkpoint import atomic_directory, check_new_directory
 from ..config import ModelConfig
 from ..model.diffusion_gemma import DiffusionGemma
 from .formats import INT4_GROUP_SIZES, QTensor, dequantize, quantize as quantize_tensor, quantized_nbytes
@@ -73,11 +73,17 @@ def _expected_kind(meta: dict, target: str) -> str | None:
     return weight_kind(role(target), meta["format"], meta["dense"], meta["embedding"])
 
 
-class Tensors:
-    """The tensors of a safetensors checkpoint directory, readable by name from whichever shard holds them."""
+_SAFETENSORS_TORCH = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
-    def __init__(self, path: Path):
-        self.path = path
+
+class Tensors:
+    """The tensors of a safetensors checkpoint directory, readable by name from whichever shard holds them; with
+    `meta`, `read` gives tensors of the stored shape and dtype on the meta device (reading nothing but headers)."""
+
+    def __init__(self, path: Path, meta: bool = False):
+        self.path, self.meta = path, meta
         self._where: dict[str, object] = {}
         for file in checkpoint._weight_files(path):
             try:
@@ -91,6 +97,9 @@ class Tensors:
 
     def read(self, name: str) -> torch.Tensor:
         file, handle = self._where[name]
+        if self.meta:
+            info = handle.get_slice(name)
+            return torch.empty(info.get_shape(), dtype=_SAFETENSORS_TORCH[info.get_dtype()], device="meta")
         try:
             return handle.get_tensor(name)
         except (SafetensorError, OSError) as err:
@@ -237,9 +246,11 @@ def resolve_formats(fmt: str, group_size: int | None, dense: str | None,
     dense = dense or fmt
     if dense not in ("int8", "int4"):
         raise ValueError(f"--dense must be int8 or int4, got {dense!r}")
+    if embedding not in ("int8", "int4", None):
+        raise ValueError(f"embedding must be int8, int4 or None (float), got {embedding!r}")
     if fmt == "int4" and group_size is None:
         group_size = 64
-    if group_size is not None and ("int4" in (fmt, dense) and group_size not in INT4_GROUP_SIZES):
+    if group_size is not None and ("int4" in (fmt, dense, embedding) and group_size not in INT4_GROUP_SIZES):
         raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
     for flag, kind in (("dense", dense), ("embedding", embedding)):
         if kind == "int4" and group_size is None:
@@ -260,8 +271,9 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, fmt: str, group_siz
     from . import open_source
 
     fmt, group_size, dense = resolve_formats(fmt, group_size, dense, embedding)
-    src_info = open_source(src)
     out = Path(out)
+    check_new_directory(out)  # before reading anything: an existing output (or the source itself) is never replaced
+    src_info = open_source(src)
     with atomic_directory(out) as tmp:
         writer = _ShardWriter(tmp, shard_bytes)
         params = in_bytes = 0
@@ -302,7 +314,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, fmt: str, group_siz
         if src_info.directory is not None:
             for f in src_info.directory.iterdir():
                 if f.is_file() and f.name != "config.json" and not f.name.startswith("model") \
-                        and f.suffix != ".safetensors":
+                        and f.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"):  # weights
                     shutil.copy2(f, tmp / f.name)
         if src_info.tokenizer is not None:
             src_info.tokenizer.save(tmp)

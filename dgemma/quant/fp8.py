@@ -66,6 +66,8 @@ def _scale(scale: torch.Tensor, shape: torch.Size, block: tuple[int, int] | None
     s = scale.float()
     if s.numel() == 1:
         return s.reshape(1).expand(*lead, n, 1).contiguous()
+    if lead and s.numel() == math.prod(lead) and s.shape[:len(lead)] == tuple(lead):  # one per expert
+        return s.reshape(*lead, 1, 1).expand(*lead, n, 1).contiguous()
     if s.dim() == len(shape) - 1:  # one scale per row stored without its trailing 1
         s = s.unsqueeze(-1)
     if s.dim() == len(shape) and s.shape[-2] == n and k % s.shape[-1] == 0:

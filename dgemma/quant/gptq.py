@@ -78,7 +78,9 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, kind: str, group_size: int
     codes = torch.empty(e, n, k, dtype=torch.int16, device=w.device)
     scales = torch.empty(e, n, k // group, dtype=torch.float16 if kind == "int4" else torch.float32, device=w.device)
     offsets = torch.empty_like(scales) if kind == "int4" else None
-    block = group * max(1, _BLOCK // group)
+    # Columns go in blocks of about _BLOCK (later columns are updated once per block); a block never splits a group,
+    # and a group of many blocks (one per row: int8 per channel) starts at a block's start.
+    block = _BLOCK if group % _BLOCK == 0 or group == k else group * max(1, _BLOCK // group)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         wb = w[:, :, b0:b1]  # [E, N, B] view, updated in place
@@ -86,7 +88,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, kind: str, group_size: int
         for j in range(b1 - b0):
             col, g = b0 + j, (b0 + j) // group
             if col % group == 0:
-                s, o = _group_params(wb[:, :, j:j + group].reshape(e * n, group).float(), kind)
+                s, o = _group_params(w[:, :, col:col + group].reshape(e * n, group).float(), kind)
                 scales[:, :, g] = s.view(e, n)
                 if offsets is not None:
                     offsets[:, :, g] = o.view(e, n)
