@@ -186,10 +186,10 @@ def _torchrun(cfg: Path, out: Path, port: int, *sets: str) -> dict:
 
 
 def test_two_process_torchrun_matches_one_process(tmp_path):
-    cfg = write_config(tmp_path, train={"steps": 2, "save_every": 2, "eval_every": 2})
+    cfg = write_config(tmp_path, train={"steps": 4, "save_every": 4, "eval_every": 4})
     single = run(cfg, f"train.out={json.dumps(str(tmp_path / 'one'))}")
     two = _torchrun(cfg, tmp_path / "two", 29517)
-    assert two["loss"] == pytest.approx(single.history["loss"], rel=1e-5)
+    assert two["loss"] == pytest.approx(single.history["loss"], rel=1e-6)
 
 
 def test_fsdp_matches_one_process_and_resumes_exactly(tmp_path):
@@ -199,7 +199,9 @@ def test_fsdp_matches_one_process_and_resumes_exactly(tmp_path):
     sharded = _torchrun(cfg, tmp_path / "two", 29518)
     # Later steps drift by ~1e-4 in both ddp and fsdp: Adam magnifies the cross-process summation order in
     # near-zero gradients (2-process ddp and fsdp agree with each other to 1e-8 there).
-    assert sharded["loss"][:2] == pytest.approx(single.history["loss"][:2], rel=1e-5)
+    # Every step agrees: a module no process used this step (self-conditioning, drawn per row) gets no gradient in
+    # any process, so AdamW leaves it alone everywhere.
+    assert sharded["loss"] == pytest.approx(single.history["loss"], rel=1e-6)
     # Resume the sharded run from its step-2 checkpoint: optimizer state is gathered on save and re-sharded.
     shutil.rmtree(tmp_path / "two" / "step-000004")
     (tmp_path / "two" / "latest").write_text("step-000002")
@@ -222,6 +224,29 @@ def test_chat_data_supervises_only_the_reply(tmp_path):
     assert batch.supervise[0, prefix:prefix + 16].all()  # the reply (11 + EOS) and the pad of its 2nd block
 
 
+
+def test_chat_data_trains_every_block_of_a_long_reply_and_keeps_bos(tmp_path):
+    tok = Tokenizer.byte_level()
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "q" * 40},
+                                          {"role": "assistant", "content": "abcdefghij" * 3}]}) + "\n")
+    data = ChatData([f], tok)
+    prompt, reply = data.examples[0]  # 31 reply tokens with EOS: 4 blocks of 8
+    shape = Shape(8, 1, 0, 12)
+    starts = set()
+    for step in range(40):
+        batch = data.batch(shape, 0, step, 0, range(1))
+        ids, sup = batch.ids[0].tolist(), batch.supervise[0]
+        assert len(ids) == 12 + 8 and ids[0] == prompt[0] and sup[12:].all() and not sup[:12].any()
+        block = next(b for b in range(4) if reply[8 * b:8 * b + 8] == ids[12:12 + len(reply[8 * b:8 * b + 8])])
+        context = prompt + reply[:8 * block]
+        assert ids[1:12] == context[-11:]  # the context's end, after its first token
+        starts.add(block)
+    assert starts == {0, 1, 2, 3}  # the block holding EOS is trained too
+    zero = data.batch(Shape(8, 2, 0, 0), 0, 0, 0, range(1))  # no room for context at all
+    assert zero.ids.shape == (1, 16) and zero.valid[0].all()
+
+
 @pytest.mark.parametrize("change, match", [
     ({"data": {"train": ["/nowhere/*.py"]}}, "matches no files"),
     ({"train": {"stepz": 3}}, "unknown config key train.stepz"),
@@ -237,6 +262,20 @@ def test_bad_configs_name_the_problem(tmp_path, change, match):
     cfg = write_config(tmp_path, **change)
     with pytest.raises(ValueError, match=match):
         run(cfg)
+
+
+def test_a_held_out_text_too_short_is_refused_before_training(tmp_path):
+    (tmp_path / "short.py").write_text("x = 1\n")
+    cfg = write_config(tmp_path, data={"heldout": [str(tmp_path / "short.py")]})
+    with pytest.raises(ValueError, match="the held-out text has .* tokens, fewer than one sequence of 20"):
+        Trainer(read_config(cfg), log=lambda m: None)
+
+
+def test_old_checkpoints_are_pruned_by_step_number(tmp_path):
+    for step in (998_000, 999_000, 1_000_000):
+        (tmp_path / f"step-{step:06d}").mkdir()
+    trainer_mod.prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1000000", "step-999000"]
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path, capsys):
@@ -287,6 +326,9 @@ def test_lora_trains_only_adapters_and_merges_to_the_same_logits(tmp_path):
     unmerged = dgemma.Model(adapted).canvas_logits(prompt, canvas)
     assert torch.allclose(unmerged, merged.canvas_logits(prompt, canvas), atol=1e-4)
     assert not torch.allclose(unmerged, base.canvas_logits(prompt, canvas), atol=1e-4)
+    # The adapters were trained at alpha / rank = 2: resuming them at another scale is refused.
+    with pytest.raises(ValueError, match="a LoRA run resumes with the settings it started with"):
+        run(cfg, "lora.alpha=64.0", "train.steps=4", resume=True)
 
 
 def test_several_blocks_per_sequence_and_balance_loss(tmp_path):

@@ -70,7 +70,8 @@ class TextData:
     token whose text begins with a newline), the place where a prompt ends and generation or an infill hole begins;
     a window that cannot move stays where it was."""
 
-    def __init__(self, files: list[Path], tokenizer: Tokenizer, line_aligned: float = 0.0):
+    def __init__(self, files: list[Path], tokenizer: Tokenizer, line_aligned: float = 0.0, name: str = "training"):
+        self.name = name  # for errors: "training" or "held-out"
         docs = []
         for f in files:
             try:
@@ -91,11 +92,15 @@ class TextData:
     def __len__(self) -> int:
         return int(self.stream.numel())
 
+    def check_width(self, width: int) -> None:
+        """ValueError unless the stream holds a window of `width` tokens."""
+        if len(self) <= width:
+            raise ValueError(f"the {self.name} text has {len(self)} tokens, fewer than one sequence of {width}")
+
     def batch(self, shape: Shape, seed: int, step: int, micro: int, rows: range) -> Batch:
         prefix = shape.prefix_for(seed, step, micro)
         width = prefix + shape.blocks * shape.canvas_length
-        if len(self) <= width:
-            raise ValueError(f"the training text has {len(self)} tokens, fewer than one sequence of {width}")
+        self.check_width(width)
         ids = []
         for row in rows:
             gen = _row_generator(seed, step, micro, row)
@@ -119,9 +124,10 @@ class ChatData:
     """JSONL lines {"messages": [...]}; the prompt (everything before an assistant turn) goes in the prefix, the
     assistant's reply + EOS starts at the first block and is the only supervised text (plus the pad after it)."""
 
-    def __init__(self, files: list[Path], tokenizer: Tokenizer, skip_bad_lines: bool = False):
+    def __init__(self, files: list[Path], tokenizer: Tokenizer, skip_bad_lines: bool = False, name: str = "training"):
         if tokenizer.chat_template is None:
             raise ValueError("chat data needs a tokenizer with a chat template")
+        self.name = name  # for messages: "training" or "held-out"
         self.tokenizer = tokenizer
         self.examples: list[tuple[list[int], list[int]]] = []  # (prompt ids, reply ids incl. EOS)
         for f in files:
@@ -136,7 +142,7 @@ class ChatData:
                         raise ValueError(message + " (set data.skip_bad_lines = true to skip such lines)") from None
                     print(f"dgemma train: skipping {message}", file=sys.stderr)
         if not self.examples:
-            raise ValueError("chat data: no usable examples (each needs an assistant message)")
+            raise ValueError(f"{name} chat data: no usable examples (each needs an assistant message)")
 
     def _parse(self, line: str) -> list[tuple[list[int], list[int]]]:
         try:
@@ -165,20 +171,27 @@ class ChatData:
         return len(self.examples)
 
     def batch(self, shape: Shape, seed: int, step: int, micro: int, rows: range) -> Batch:
-        c, pad = shape.canvas_length, self.tokenizer.pad_token_id or 0
-        picked = [self.examples[int(torch.randint(0, len(self), (1,), generator=_row_generator(seed, step, micro, r)))]
-                  for r in rows]
+        """Rows of (context, `shape.blocks` blocks of reply). A reply longer than the blocks gives a random run of
+        them, canvas-aligned as generation commits them, with the reply before it moved into the context; every
+        block, the one holding EOS included, gets trained. A context over `shape.max_prefix` keeps its first token
+        (BOS) and its end."""
+        c, pad, span = shape.canvas_length, self.tokenizer.pad_token_id or 0, shape.blocks * shape.canvas_length
+        picked = []
+        for r in rows:
+            gen = _row_generator(seed, step, micro, r)
+            prompt, reply = self.examples[int(torch.randint(0, len(self), (1,), generator=gen))]
+            first = int(torch.randint(0, max(1, -(-len(reply) // c) - shape.blocks + 1), (1,), generator=gen))
+            picked.append((prompt + reply[:first * c], reply[first * c:first * c + span]))
         prefix = min(shape.max_prefix, max(len(p) for p, _ in picked))
-        width = prefix + shape.blocks * c
-        ids = torch.full((len(picked), width), pad, dtype=torch.long)
+        ids = torch.full((len(picked), prefix + span), pad, dtype=torch.long)
         valid = torch.zeros_like(ids, dtype=torch.bool)
         supervise = torch.zeros_like(ids, dtype=torch.bool)
-        for i, (prompt, reply) in enumerate(picked):
-            prompt = prompt[-prefix:]
-            reply = reply[: shape.blocks * c]
-            ids[i, prefix - len(prompt):prefix] = torch.tensor(prompt)
-            ids[i, prefix:prefix + len(reply)] = torch.tensor(reply)
-            valid[i, prefix - len(prompt):] = True
+        for i, (context, reply) in enumerate(picked):
+            if len(context) > prefix:
+                context = (context[:1] + context[len(context) - prefix + 1:])[:prefix]
+            ids[i, prefix - len(context):prefix] = torch.tensor(context, dtype=torch.long)
+            ids[i, prefix:prefix + len(reply)] = torch.tensor(reply, dtype=torch.long)
+            valid[i, prefix - len(context):] = True
             used = -(-len(reply) // c) * c  # the reply's blocks, with the pad after its EOS
             supervise[i, prefix:prefix + used] = True
         return Batch(ids, supervise, valid, shape.blocks)

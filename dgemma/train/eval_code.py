@@ -181,14 +181,15 @@ def _shuffled(candidates: list, seed: int) -> list:
 
 def infill_samples(paths: Sequence[Path], tokenizer: Tokenizer, *, limit: int, seed: int,
                    max_fill: int) -> list[InfillSample]:
-    """Up to `limit` holes whose line is 1..max_fill tokens long, drawn deterministically (module docstring)."""
+    """Up to `limit` holes whose newline and line are 1..max_fill tokens long, drawn deterministically (module
+    docstring)."""
     candidates = [(p, n) for p in paths for n in infill_lines(_read(p))]
     out = []
     for path, lineno in _shuffled(candidates, seed):
         if len(out) == limit:
             break
         sample = infill_sample(path, lineno)
-        if 1 <= len(tokenizer.encode(sample.line)) <= max_fill:
+        if 1 <= len(tokenizer.encode("\n" + sample.line)) <= max_fill:  # the hole holds the newline too
             out.append(sample)
     return out
 

@@ -130,7 +130,8 @@ class _RouterRecorder:
 def losses(net: DiffusionGemma, batch: Batch, opts: ObjectiveOptions, rows: list[torch.Generator],
            normaliser: dict[str, float] | None = None, balance_scale: float = 1.0,
            uniform_passes: bool = False, line_start: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Loss terms for one batch. Returns {"loss", "diffusion", "ar"[, "balance"]}; "loss" is the weighted sum.
+    """Loss terms for one batch. Returns {"loss", "diffusion", "ar", "self_conditioned"[, "balance"]}; "loss" is the
+    weighted sum; "self_conditioned" counts the (row, block) pairs whose decoder pass read self-conditioning.
     rows[i] is row i's own random stream (noise rate, corruption, self-conditioning coin), so a row trains the
     same whichever batch or process it lands in.
     Token losses are sums divided by `normaliser` counts ({"diffusion": n, "ar": n}) when given (so micro-batches
@@ -168,12 +169,14 @@ def losses(net: DiffusionGemma, batch: Batch, opts: ObjectiveOptions, rows: list
         # Decoder: one corrupted block at a time against the cache of everything before it.
         diff_sum = torch.zeros((), device=batch.ids.device)
         diff_count = torch.zeros((), device=batch.ids.device)
+        sc_count = torch.zeros((), device=batch.ids.device)
         for j in range(batch.blocks):
             lo, hi = prefix + j * c, prefix + (j + 1) * c
             clean, mask = batch.ids[:, lo:hi], batch.supervise[:, lo:hi]
             t = opts.eps + (1 - opts.eps) * _uniform(rows, clean.device)
             noisy, t = corrupt(clean, t, cfg.vocab_size, rows, opts.span, opts.lines, line_start)
             use_sc = _uniform(rows, clean.device) < opts.self_conditioning
+            sc_count = sc_count + use_sc.sum()
             sc_logits = None
             if bool(use_sc.any()) or (uniform_passes and opts.self_conditioning > 0):
                 with torch.no_grad():
@@ -189,6 +192,7 @@ def losses(net: DiffusionGemma, batch: Batch, opts: ObjectiveOptions, rows: list
         out = {
             "diffusion": diff_sum / max(norm["diffusion"], 1.0),
             "ar": ar_sum / max(norm["ar"], 1.0),
+            "self_conditioned": sc_count,
         }
         out["loss"] = out["diffusion"] + opts.ar_weight * out["ar"]
         if recorder is not None:

@@ -243,6 +243,15 @@ def _rows(global_rows: int, rank: int, world: int) -> range:
     return range(rank * per, (rank + 1) * per)
 
 
+def prune_checkpoints(out: Path, keep: int) -> None:
+    """Remove all but the `keep` highest-numbered step-N directories under `out` (by number: step-1000000 comes
+    after step-999000, though not as text)."""
+    steps = sorted((p for p in out.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
+                   key=lambda p: int(p.name[5:]))
+    for p in steps[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 # ---- the run ---------------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, log=print):
@@ -281,8 +290,14 @@ class Trainer:
         kwargs = {"line_aligned": cfg.data.line_aligned} if cfg.data.kind == "text" \
             else {"skip_bad_lines": cfg.data.skip_bad_lines}
         self.train_data = data_cls(expand_globs(cfg.data.train, "data.train"), self.tokenizer, **kwargs)
-        self.eval_data = data_cls(expand_globs(cfg.data.heldout, "data.heldout"), self.tokenizer, **kwargs) \
-            if cfg.data.heldout else None
+        self.eval_data = data_cls(expand_globs(cfg.data.heldout, "data.heldout"), self.tokenizer, **kwargs,
+                                  name="held-out") if cfg.data.heldout else None
+        for data in (self.train_data, self.eval_data):
+            if isinstance(data, TextData):  # now, not at the first batch or evaluation, which may be far into the run
+                data.check_width(width)
+            elif data is not None and (cut := sum(len(p) > t.max_prefix for p, _ in data.examples)):
+                self.log(f"{cut} of {len(data)} {data.name} prompts are longer than train.max_prefix = "
+                         f"{t.max_prefix} tokens: they keep their first token and their last ones")
         self.log(f"data: {len(self.train_data):,} training {'tokens' if cfg.data.kind == 'text' else 'examples'}"
                  f"; model: {sum(p.numel() for p in self.net.parameters()):,} parameters")
         params = [p for p in self.net.parameters() if p.requires_grad]
@@ -324,7 +339,10 @@ class Trainer:
         if not use_lora:
             net.requires_grad_(True)
         elif state is not None:
-            lora.load_adapters(net, state["path"])
+            saved = lora.load_adapters(net, state["path"])
+            if saved != cfg.lora:  # the adapters were trained at their own scale; saving would merge at another one
+                raise ValueError(f"--resume: the checkpoint's adapters have {saved}, the config {cfg.lora}; a LoRA "
+                                 "run resumes with the settings it started with")
         else:
             lora.apply(net, cfg.lora, cfg.train.seed)
         if cfg.train.freeze_router:
@@ -372,6 +390,7 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(step)
         logged = {"loss": 0.0, "diffusion": 0.0, "ar": 0.0}
+        self_conditioned = 0.0
         for m, b in enumerate(batches):
             if self.sharded:  # reduce-scatter the gradients once, after the last micro-batch
                 self.net.set_requires_gradient_sync(m == len(batches) - 1)
@@ -383,6 +402,7 @@ class Trainer:
             out["loss"].backward()
             for k in logged:
                 logged[k] += float(out[k].detach())
+            self_conditioned += float(out["self_conditioned"])
         if self.world > 1 and not self.sharded:  # one flat all-reduce; a parameter unused on a rank contributes zeros
             params = [p for p in self.net.parameters() if p.requires_grad]
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
@@ -390,10 +410,14 @@ class Trainer:
             for p, g in zip(params, flat.split([p.numel() for p in params])):
                 p.grad = g.view_as(p).clone()
         if self.world > 1:
-            sums = torch.tensor([logged["loss"], logged["diffusion"], logged["ar"]], dtype=torch.float64,
-                                device=self.device)
+            sums = torch.tensor([logged["loss"], logged["diffusion"], logged["ar"], self_conditioned],
+                                dtype=torch.float64, device=self.device)
             dist.all_reduce(sums)
-            logged = dict(zip(("loss", "diffusion", "ar"), sums.tolist()))
+            *totals, self_conditioned = sums.tolist()
+            logged = dict(zip(("loss", "diffusion", "ar"), totals))
+        if not self_conditioned:  # no rank read it: no gradient, as in one process (a zero one would still decay)
+            for p in self.net.self_conditioning.parameters():
+                p.grad = None
         if t.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), t.clip)
         self.opt.step()
@@ -502,13 +526,11 @@ class Trainer:
 
         # A LoRA run saves a standard checkpoint with the adapters merged, plus the adapters on their own.
         checkpoint.save(self._plain_net(weights), GenerationSettings(), target, tokenizer=self.tokenizer,
-                        extra=write_state)
+                        extra=write_state, replace=True)  # a resumed run may save a step it saved before
         pointer_tmp = self.out / ".latest.tmp"
         pointer_tmp.write_text(name)
         os.replace(pointer_tmp, self.out / "latest")
-        old = sorted(p for p in self.out.glob("step-*") if p.is_dir())[: -self.cfg.train.keep]
-        for p in old:
-            shutil.rmtree(p, ignore_errors=True)
+        prune_checkpoints(self.out, self.cfg.train.keep)
         self._plot()
         if self.world > 1:
             dist.barrier()
