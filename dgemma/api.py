@@ -19,7 +19,8 @@ from . import checkpoint, quant
 from .config import GenerationSettings, ModelConfig
 from .engine.ar import fit_scores
 from .engine.cache import KVCache
-from .engine.generate import GenerationResult, StepEvent, generate, pad_prompts, prompt_rows
+from .engine.generate import (GenerationResult, StepEvent, bad_token_id, generate, pad_prompts, plain_ids,
+                              prompt_rows)
 from .engine.prefix import PrefixCache
 from .model.diffusion_gemma import DiffusionGemma
 from .tokenizer import Tokenizer
@@ -111,7 +112,12 @@ class Model:
             confidence_threshold=confidence_threshold,
         )
         rows = self.prompt_rows(prompt_ids)
-        b = len(rows)
+        b, c, context = len(rows), self.config.canvas_length, self.config.max_position_embeddings
+        needed = max(len(r) for r in rows) + -(-settings.max_new_tokens // c) * c
+        if needed > context:
+            raise ValueError(f"a prompt of {max(len(r) for r in rows)} tokens and max_new_tokens "
+                             f"{settings.max_new_tokens} (canvases of {c}) need {needed} positions; the model's "
+                             f"context is {context}")
         if pinned is not None and canvas is None:
             raise ValueError("pinned needs a canvas holding the pinned ids")
         canvas_t = self.canvas_ids(canvas, b, "canvas") if canvas is not None else None
@@ -155,7 +161,9 @@ class Model:
             raise ValueError(f"fill_length must be an integer in [1, {c}], got {fill_length!r}")
         if isinstance(best_of, bool) or not isinstance(best_of, int) or best_of <= 0:
             raise ValueError(f"best_of must be a positive integer, got {best_of!r}")
-        suffix = list(suffix_ids)[: c - fill_length]
+        suffix = plain_ids(list(suffix_ids))[: c - fill_length]
+        if (bad := bad_token_id(suffix, self.config.vocab_size)) is not None:
+            raise ValueError(f"suffix_ids: token id {bad!r} is outside the vocabulary [0, {self.config.vocab_size})")
         start = torch.full((c,), -1, dtype=torch.long)  # the hole and anything after the suffix start as noise
         start[fill_length:fill_length + len(suffix)] = torch.tensor(suffix, dtype=torch.long)
         hold = torch.zeros(c, dtype=torch.bool)
@@ -247,9 +255,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def load(path_or_repo_id: str | os.PathLike | None = None, device=None, dtype=None,
          tokenizer: str | os.PathLike | None = None) -> Model:
     """Load a checkpoint directory (or a Hub repo id, downloaded on first use; or a .gguf file; default: the bundled
-    model) onto `device` in `dtype` (default: the checkpoint's stored dtype). Quantized and FP8 directories keep their
-    weight format. `tokenizer` (a directory or Hub repo id, `load_tokenizer`) replaces the checkpoint's own; this is
-    how a .gguf file whose vocabulary is not read (`GGUFFile.tokenizer`) takes text."""
+    model) onto `device` in `dtype` (default: the checkpoint's stored dtype; float32 for a .gguf file). Quantized and
+    FP8 directories keep their weight format. `tokenizer` (a directory or Hub repo id, `load_tokenizer`) replaces the
+    checkpoint's own; this is how a .gguf file whose vocabulary is not read (`GGUFFile.tokenizer`) takes text."""
     path_or_repo_id = model_path(path_or_repo_id)
     device = resolve_device(device)
     if quant.is_gguf(path_or_repo_id):

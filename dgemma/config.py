@@ -9,6 +9,7 @@ Must not: touch tensors, files other than the JSON dicts handed in, or the netwo
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -287,6 +288,9 @@ def preset(name: str, **overrides) -> ModelConfig:
     return ModelConfig.from_hf_dict({"model_type": "diffusion_gemma", "canvas_length": canvas, "text_config": text})
 
 
+_FLOAT32_MAX = 3.4028234663852886e38  # the sampler computes in float32: anything larger would be infinite there
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """Sampler settings; defaults are the released generation_config.json values."""
@@ -307,14 +311,12 @@ class GenerationSettings:
         if isinstance(self.stability_threshold, bool) or not isinstance(self.stability_threshold, int) \
                 or self.stability_threshold < 0:
             raise ValueError(f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")
-        for name in ("entropy_bound", "confidence_threshold"):
+        for name in ("entropy_bound", "confidence_threshold", "t_min", "t_max"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
-        for name in ("t_min", "t_max"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            zero_ok = name == "t_min"  # t_max > 0 keeps every step's temperature t_min + (t_max - t_min) n / N > 0
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                    or value > _FLOAT32_MAX or value < 0 or (value == 0 and not zero_ok):
+                raise ValueError(f"{name} must be a finite number {'>= 0' if zero_ok else '> 0'}, got {value!r}")
         if self.t_max < self.t_min:
             raise ValueError(f"t_max ({self.t_max}) must be >= t_min ({self.t_min})")
 

@@ -84,6 +84,33 @@ def test_rows_that_join_and_leave_get_their_solo_tokens(ckpt_dir, config):
     assert lengths[:4] == [5, 30, 46, 62]
 
 
+def test_rows_added_together_get_their_solo_tokens(ckpt_dir):
+    """Prompts of different lengths added in one call share one left-padded encoder pass; each row's positions
+    still start at 0, as alone, so in float64 every row gets its solo tokens."""
+    from conftest import reference_checkpoint
+
+    path, _ = reference_checkpoint(ckpt_dir, "ssf", seed=3)
+    model = _without_eos(dgemma.load(path, dtype=torch.float64))
+    prompts, seeds = [_prompt(30, 21), _prompt(4, 22), _prompt(11, 23)], [31, 32, 33]
+    loop = CanvasLoop(model.net, model.settings.replace(**SETTINGS), per_row=True)
+    rows = loop.add(prompts, 32, generators=[_gen(s) for s in seeds])
+    while not all(r.finished for r in rows):
+        loop.step()
+    for row, prompt, seed in zip(rows, prompts, seeds):
+        assert row.token_ids == _alone(model, prompt, 32, seed).token_ids[0]
+
+
+def test_rows_released_before_they_join_never_run_and_generators_are_required(tiny):
+    model = dgemma.load(tiny[0])
+    loop = CanvasLoop(model.net, model.settings.replace(**SETTINGS), per_row=True)
+    with pytest.raises(ValueError, match="one torch.Generator per prompt"):
+        loop.add([[5, 6]], 16, generators=[None])  # None would mean a settled row that draws nothing
+    kept, dropped = loop.add([[5, 6], [7, 8]], 16, generators=[_gen(1), _gen(2)])
+    assert loop.release([dropped]) == [dropped]
+    loop.step()
+    assert loop.rows == [kept] and not dropped.token_ids and kept.token_ids
+
+
 def test_leaving_rows_free_their_leading_slots(tiny):
     """When the row with the oldest tokens leaves, slots that are padding in every remaining row are dropped."""
     model = _without_eos(dgemma.load(tiny[0]))
@@ -132,7 +159,7 @@ def test_a_shared_generator_loop_refuses_late_rows(tiny):
     loop.step()
     with pytest.raises(ValueError, match="own generator"):
         loop.add([[7, 8]], 32)
-    with pytest.raises(ValueError, match="one generator per prompt"):
+    with pytest.raises(ValueError, match="one torch.Generator per prompt"):
         CanvasLoop(model.net, model.settings, per_row=True).add([[5]], 16)
 
 
@@ -181,6 +208,46 @@ def test_scheduler_admits_a_waiting_request_into_the_running_batch(tiny):
     for name, tokens in (("long", long_tokens), ("short", short_tokens)):
         prompt, n, seed = specs[name]
         assert tokens == model.generate([prompt], max_new_tokens=n, max_denoising_steps=6, seed=seed).token_ids[0]
+
+
+def test_a_request_that_cannot_join_goes_next_and_cancelled_ones_free_the_queue(tiny):
+    """First come, first served: a request with other sampler settings waits for the run to end, and the
+    requests behind it wait with it instead of joining the run ahead of it. Cancelled requests leave the queue
+    wherever they are in it."""
+    from dgemma.serve.scheduler import Commit, Diffusion, End, Job, QueueFull, Scheduler
+
+    model = _without_eos(dgemma.load(tiny[0]))
+    ends: list[str] = []
+
+    async def finish(job, name):
+        while not isinstance(await job.events.get(), End):
+            pass
+        ends.append(name)
+
+    async def main():
+        scheduler = Scheduler(model, max_queue=4, max_batch=8)
+        try:
+            long = Job([_prompt(6, 1)], 1600, Diffusion(max_denoising_steps=2), seed=1)  # runs through the test
+            scheduler.submit(long)
+            assert isinstance(await long.events.get(), Commit)  # the run is going
+            odd = Job([_prompt(6, 2)], 16, Diffusion(max_denoising_steps=3), seed=2)  # other settings
+            same = Job([_prompt(6, 3)], 16, Diffusion(max_denoising_steps=2), seed=3)  # could join the run
+            gone = [Job([_prompt(6, 4 + i)], 16, Diffusion(max_denoising_steps=2), seed=4) for i in range(2)]
+            for job in (odd, same, *gone):
+                scheduler.submit(job)
+            with pytest.raises(QueueFull):
+                scheduler.submit(Job([[5]], 16))
+            for job in gone:  # two clients hang up: their places are free at once
+                job.cancel()
+            assert scheduler.waiting == 2
+            scheduler.submit(Job([_prompt(6, 9)], 16, Diffusion(max_denoising_steps=3), seed=9))
+            await asyncio.gather(finish(long, "long"), finish(odd, "odd"), finish(same, "same"))
+        finally:
+            scheduler.close()
+        return scheduler.batches
+
+    runs = asyncio.run(main())
+    assert ends == ["long", "odd", "same"] and runs >= 3
 
 
 def test_joined_rows_through_graph_replays_give_the_eager_tokens(tiny, monkeypatch):

@@ -136,6 +136,31 @@ def test_graph_replayed_steps_give_the_eager_tokens(dtype, warm_up, monkeypatch)
     assert replayed.token_ids == eager.token_ids and replayed.steps == eager.steps
 
 
+def test_a_generation_nested_in_a_step_callback_leaves_the_outer_ones_graphs_alone(monkeypatch):
+    """A generation run from `on_step` (or another thread) while a canvas holds the graphs decodes eagerly: the
+    outer canvas's static cache and last output stay its own, so both give their eager tokens."""
+    from dgemma.api import Model
+    from dgemma.engine import graphs
+    from dgemma.model.diffusion_gemma import DiffusionGemma
+
+    model = Model(DiffusionGemma(preset("tiny")).init_weights(5))
+    kw = dict(max_new_tokens=model.config.canvas_length, max_denoising_steps=4, seed=1, confidence_threshold=1e-9)
+    inner = []
+
+    def nested(event):
+        if event.step == 2:  # the same shape as the outer generation
+            inner.append(model.generate([[9, 9, 9]], **kw).token_ids)
+
+    outer_eager = model.generate([[5, 6, 7]], **kw, on_step=nested).token_ids
+    calls = []
+    monkeypatch.setattr(graphs, "use_graphs", lambda device: True)
+    monkeypatch.setattr(graphs.CanvasDecoder, "capture", staticmethod(_replaying_capture(calls, True)))
+    assert model.generate([[5, 6, 7]], **kw, on_step=nested).token_ids == outer_eager
+    assert inner[0] == inner[1] and "replay" in calls
+    calls.clear()
+    assert model.generate([[9, 9, 9]], **kw).token_ids == inner[0] and "replay" in calls  # graphs free again
+
+
 def test_canvases_of_one_generation_share_bucketed_graphs(monkeypatch):
     """Caches padded to BUCKET_CANVASES canvases (positions kept by row offsets): later canvases replay the first
     canvas's graphs, a prompt past a bucket boundary gets its own, and tokens equal the eager ones (float64, where

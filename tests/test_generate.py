@@ -162,9 +162,25 @@ def test_infill_best_of_before_an_empty_suffix_never_prefers_an_empty_fill(tiny,
     (dict(prompt_ids=[[1, 2]], canvas=[1] * 17), "canvas must have length 16"),
     (dict(prompt_ids=[[1, 2]], pinned=[True] * 16), "pinned needs a canvas"),
     (dict(prompt_ids=[[1, 2]], t_min=0.9, t_max=0.5), "t_max"),
+    (dict(prompt_ids=[[1, 2]], t_min=0, t_max=0), "t_max must be a finite number > 0"),  # no temperature of 0
+    (dict(prompt_ids=[[1, 2]], t_max=float("nan")), "t_max must be a finite number"),
+    (dict(prompt_ids=[[1, 2]], entropy_bound=float("inf")), "entropy_bound must be a finite number"),
+    (dict(prompt_ids=[[1, 2]], max_new_tokens=2047), "need 2050 positions; the model.s context is 2048"),
 ])
 def test_bad_inputs_name_the_problem(tiny, kwargs, match):
     model = dgemma.load(tiny[0])
     prompt = kwargs.pop("prompt_ids")
     with pytest.raises(ValueError, match=match):
         model.generate(prompt, **kwargs)
+
+
+def test_numpy_ids_are_ids_and_a_suffix_is_checked(tiny):
+    import numpy as np
+
+    model = dgemma.load(tiny[0])
+    want = model.generate([[5, 6, 7]], max_new_tokens=16, seed=2).token_ids
+    assert model.generate([np.array([5, 6, 7])], max_new_tokens=16, seed=2).token_ids == want
+    assert model.generate(np.array([5, 6, 7], dtype=np.int32), max_new_tokens=16, seed=2).token_ids == want
+    assert model.generate([np.int64(5), np.int64(6), np.int64(7)], max_new_tokens=16, seed=2).token_ids == want
+    with pytest.raises(ValueError, match="suffix_ids: token id 7.5 is outside the vocabulary"):
+        model.infill([5, 6], [7.5], 4)  # not cut to 7

@@ -17,6 +17,8 @@ Must not: know tensor layouts inside the network, tokenizers or files.
 
 from __future__ import annotations
 
+import numbers
+import operator
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -54,6 +56,16 @@ def bad_token_id(ids: list, vocab: int):
     return next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
 
 
+def plain_ids(ids):
+    """Arrays (numpy, tensors) as lists and integer scalars of any kind (numpy's too) as ints, at any depth; anything
+    else as it is, for the checks to name."""
+    if hasattr(ids, "tolist") and not isinstance(ids, (list, tuple)):
+        ids = ids.tolist()  # a 0-d array gives its scalar
+    if isinstance(ids, (list, tuple)):
+        return [plain_ids(x) for x in ids]
+    return operator.index(ids) if isinstance(ids, numbers.Integral) and not isinstance(ids, bool) else ids
+
+
 def prompt_rows(prompt_ids, vocab: int) -> list[list[int]]:
     """A 2-D tensor, a list of id lists or one id list -> validated id lists (errors name the problem)."""
     if isinstance(prompt_ids, torch.Tensor):
@@ -61,6 +73,7 @@ def prompt_rows(prompt_ids, vocab: int) -> list[list[int]]:
             raise ValueError(f"prompt_ids tensor must hold integer ids, got shape {tuple(prompt_ids.shape)} "
                              f"dtype {prompt_ids.dtype}")
         prompt_ids = prompt_ids.tolist()
+    prompt_ids = plain_ids(prompt_ids)
     if not isinstance(prompt_ids, (list, tuple)):
         raise ValueError("prompt_ids must be a list of id lists or a 2-D tensor")
     if not prompt_ids:
@@ -140,16 +153,20 @@ class CanvasLoop:
         """Queue prompts (validated id lists) to join at the next canvas; returns their rows."""
         if not self.per_row and self.canvases:
             raise ValueError("rows join a running batch only when each row has its own generator (per_row=True)")
-        if self.per_row and (generators is None or len(generators) != len(prompts)):
-            raise ValueError("a loop with per-row generators needs one generator per prompt")
+        if self.per_row and (generators is None or len(generators) != len(prompts)
+                             or not all(isinstance(g, torch.Generator) for g in generators)):
+            raise ValueError("a loop with per-row generators needs one torch.Generator per prompt")
         rows = [Row(list(p), max_new_tokens, None if generators is None else generators[i],
                     None if tags is None else tags[i]) for i, p in enumerate(prompts)]
         self._joining.extend(rows)
         return rows
 
     def release(self, rows: list[Row] | None = None) -> list[Row]:
-        """Drop `rows` (default: the finished ones) and their cache rows from the batch; returns those dropped."""
+        """Drop `rows` (default: the finished ones) and their cache rows from the batch, or from the rows waiting to
+        join; returns those dropped."""
         leaving = {id(r) for r in rows} if rows is not None else {id(r) for r in self.rows if r.finished}
+        waiting = [r for r in self._joining if id(r) in leaving]
+        self._joining = [r for r in self._joining if id(r) not in leaving]
         gone = [r for r in self.rows if id(r) in leaving]
         if gone:
             keep = [i for i, r in enumerate(self.rows) if id(r) not in leaving]
@@ -160,7 +177,7 @@ class CanvasLoop:
                 self._pending = None if self._pending is None else self._pending[index]
             else:
                 self._cache, self._pending = None, None
-        return gone
+        return waiting + gone
 
     def _admit(self) -> None:
         """Encode the joining rows' prompts (one left-padded batch) and join their cache to the batch's."""
@@ -168,6 +185,8 @@ class CanvasLoop:
         device = self.net.device
         ids, valid = pad_prompts([r.prompt for r in rows], self.net.config.pad_token_id, device)
         cache = KVCache(self.net.config, len(rows), device)
+        if self.per_row and len(rows) > 1:  # each row's positions start at 0 past its padding, as when it joins alone
+            cache.offset = -(~valid).sum(dim=1)
         prompt = rows[0].prompt if self.prefix_cache is not None and len(rows) == 1 else None
         if prompt is not None and (hit := self.prefix_cache.match(prompt)) is not None:
             cache, reused = hit
@@ -209,30 +228,33 @@ class CanvasLoop:
         canvas_passes = torch.zeros(b, dtype=torch.long, device=device)
         sc_logits = None
         any_done = False  # host copy of done.any(), read with the stop check so a step syncs only once
-        for step_number, remaining in enumerate(range(n_steps, 0, -1), start=1):
-            canvas_passes += ~(done | finished)
-            logits = decoder(current, sc_logits)
-            step = denoise_step(
-                logits, current, remaining, n_steps, entropy_bound=settings.entropy_bound, t_min=settings.t_min,
-                t_max=settings.t_max, generator=generator, pinned=pinned, pinned_ids=canvas if pinned is not None
-                else None,
-            )
-            new_argmax, new_current, new_logits = step.argmax, step.canvas, step.logits
-            if any_done:  # settled rows keep their canvas, draft and logits
-                new_argmax = torch.where(done[:, None], argmax, new_argmax)
-                new_current = torch.where(done[:, None], current, new_current)
-                new_logits = torch.where(done[:, None, None], sc_logits, new_logits)
-            done = done | stop_rule(new_argmax, step.entropy)
-            current, argmax = new_current, new_argmax
-            sc_logits = new_logits.to(net.dtype)
-            if self.on_step is not None:
-                self.on_step(StepEvent(self.canvases, step_number, argmax, step.accepted, done))
-            done_rows = done.tolist()  # the step's one host sync
-            if all(done_rows):
-                break
-            any_done = any(done_rows)
-            if self.per_row and any_done:
-                generator = [None if d else g for g, d in zip(generator, done_rows)]
+        try:
+            for step_number, remaining in enumerate(range(n_steps, 0, -1), start=1):
+                canvas_passes += ~(done | finished)
+                logits = decoder(current, sc_logits)
+                step = denoise_step(
+                    logits, current, remaining, n_steps, entropy_bound=settings.entropy_bound, t_min=settings.t_min,
+                    t_max=settings.t_max, generator=generator, pinned=pinned, pinned_ids=canvas if pinned is not None
+                    else None,
+                )
+                new_argmax, new_current, new_logits = step.argmax, step.canvas, step.logits
+                if any_done:  # settled rows keep their canvas, draft and logits
+                    new_argmax = torch.where(done[:, None], argmax, new_argmax)
+                    new_current = torch.where(done[:, None], current, new_current)
+                    new_logits = torch.where(done[:, None, None], sc_logits, new_logits)
+                done = done | stop_rule(new_argmax, step.entropy)
+                current, argmax = new_current, new_argmax
+                sc_logits = new_logits.to(net.dtype)
+                if self.on_step is not None:
+                    self.on_step(StepEvent(self.canvases, step_number, argmax, step.accepted, done))
+                done_rows = done.tolist()  # the step's one host sync
+                if all(done_rows):
+                    break
+                any_done = any(done_rows)
+                if self.per_row and any_done:
+                    generator = [None if d else g for g, d in zip(generator, done_rows)]
+        finally:
+            decoder.close()  # the graphs may serve another canvas now
         self.canvases += 1
         committed = argmax.clone()
         committed[finished] = cfg.pad_token_id

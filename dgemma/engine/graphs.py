@@ -11,6 +11,8 @@ repeated runs of one shape (a benchmark, a server with same-length prompts) capt
 the graphs (their memory, about one pass's activations each, is bounded that way). Each capture is preceded by one
 eager pass on the capture stream (lazy library set-up and Triton compilation must not happen inside a capture),
 whose result that step uses. A capture that fails leaves a warning and eager passes for the rest of the process.
+One canvas at a time holds a network's graphs (from its first pass to its decoder's `close`); a canvas denoised
+meanwhile (a generation nested in a step callback, or another thread's) runs eagerly and leaves them alone.
 Elsewhere (the CPU, or DGEMMA_CUDA_GRAPHS=0) every step is the plain eager pass, into reused logits buffers.
 Must not: sample, or change what a pass computes: a replay runs the very kernels the eager pass launches.
 """
@@ -69,6 +71,7 @@ class _Graphs:
         self.canvas = canvas.clone()
         self.sc_logits: torch.Tensor | None = None  # made with the first self-conditioned pass
         self.passes: dict[bool, tuple[Callable, torch.Tensor]] = {}  # with self-conditioning? -> (replay, output)
+        self.holder: CanvasDecoder | None = None  # the open decoder whose cache is loaded and whose output is live
 
     def load(self, cache: KVCache) -> None:
         """Refill the static cache from `cache`."""
@@ -115,7 +118,7 @@ class CanvasDecoder:
         if self.graphs:
             self.cache = _bucketed(cache, net.config.canvas_length)
         self._weights = _weights(net) if self.graphs else None
-        self._loaded: _Graphs | None = None  # the graphs whose static cache holds this canvas's cache
+        self._held: _Graphs | None = None  # the graphs this decoder holds until `close`
         self._buffers: list[torch.Tensor] = []  # eager passes: two logits buffers taken in turn, then the softmax's
         self._turn = 0
 
@@ -127,17 +130,20 @@ class CanvasDecoder:
         return self.net.decode(canvas, self.cache, sc_logits, out=out, probs=self._buffers[2])
 
     def __call__(self, canvas: torch.Tensor, sc_logits: torch.Tensor | None) -> torch.Tensor:
-        if not self.graphs or self.net in _failed:
-            return self._eager(canvas, sc_logits)
         graphs = _graphs.get(self.net)
+        if not self.graphs or self.net in _failed or graphs is not None and graphs.holder not in (None, self):
+            # Another canvas is being denoised through the graphs (a generation nested in an on_step callback, or
+            # another thread's): its cache and its last output stay as they are, and this one runs eagerly.
+            return self._eager(canvas, sc_logits)
         key = (tuple(canvas.shape), self.cache.length, tuple(k is None for k in self.cache.keys), self._weights)
         if graphs is None or graphs.key != key:
             _graphs.pop(self.net, None)  # free the old shape's graphs before capturing new ones
             graphs = _graphs[self.net] = _Graphs(key, self.cache, canvas)
-            self._loaded = graphs
-        if self._loaded is not graphs:
+            graphs.holder = self
+        if graphs.holder is not self:
             graphs.load(self.cache)
-            self._loaded = graphs
+            graphs.holder = self
+        self._held = graphs
         conditioned = sc_logits is not None
         graphs.canvas.copy_(canvas)
         if conditioned:
@@ -153,6 +159,12 @@ class CanvasDecoder:
         replay, out = graphs.passes[conditioned]
         replay()
         return out
+
+    def close(self) -> None:
+        """End this canvas: the graphs it held may load another decoder's cache from now on."""
+        if self._held is not None and self._held.holder is self:
+            self._held.holder = None
+        self._held = None
 
     def _capture(self, graphs: _Graphs, conditioned: bool) -> torch.Tensor | None:
         sc = graphs.sc_logits if conditioned else None
