@@ -266,6 +266,9 @@ BAD = [
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "thinking": True},
      400, None),
     ("/v1/completions", {"model": "tiny", "prompt": "a", "t_min": 0.9, "t_max": 0.1}, 400, None),
+    ("/v1/completions", {"model": "tiny", "prompt": "a", "t_min": 0, "t_max": 0}, 400, None),  # no temperature 0
+    ("/v1/completions", {"model": "tiny", "prompt": "a", "t_max": 1e39}, 400, None),  # infinite in float32
+    ("/v1/completions", b'{"model": "tiny", "prompt": "a", "t_max": Infinity}', 400, None),
     ("/v1/completions", {"model": "tiny", "prompt": "a", "max_denoising_steps": 0}, 400, None),
     ("/v1/completions", {"model": "tiny", "prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, None),
     ("/v1/completions", {"model": "tiny", "prompt": "a", "n": 64}, 400, None),
@@ -287,6 +290,44 @@ def test_bad_input_is_a_4xx_openai_error(server, path, body, status, code):
     if code:
         assert error["code"] == code
     assert httpx.get(server.url + "/health").status_code == 200  # still serving
+
+
+def test_text_parts_and_the_developer_role_read_as_plain_messages(client):
+    plain = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
+             {"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]}]
+    a, b = (client.chat.completions.create(model=NAME, messages=m, max_tokens=16, seed=4) for m in (plain, parts))
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens
+
+
+def test_a_choice_cut_by_a_stop_string_ends_the_request_once_the_others_have(client, model, monkeypatch):
+    """n = 2: one choice ends with EOS within two canvases, the other meets a stop string there. Nothing is left to
+    generate, so the request ends then, not when the stopped row reaches max_tokens."""
+    for seed in range(40):  # a seed whose choices end one by EOS, one by length
+        out = client.completions.create(model=NAME, prompt="hi", max_tokens=32, seed=seed, n=2)
+        reasons = [c.finish_reason for c in out.choices]
+        if sorted(reasons) == ["length", "stop"]:
+            break
+    else:
+        pytest.skip("no seed of this random model gives the two endings")
+    ended, going = (out.choices[reasons.index(r)].text for r in ("stop", "length"))
+    stop = next(going[i:i + 3] for i in range(len(going)) if going[i:i + 3] not in ended)
+    passes = []
+    decode = model.net.decode
+    monkeypatch.setattr(model.net, "decode", lambda *a, **kw: passes.append(1) or decode(*a, **kw))
+    cut = client.completions.create(model=NAME, prompt="hi", max_tokens=1024, seed=seed, n=2, stop=[stop])
+    assert [c.finish_reason for c in cut.choices] == ["stop", "stop"]
+    assert cut.choices[reasons.index("stop")].text == ended
+    assert len(passes) <= 3 * 3  # at most one canvas (3 steps) more than the two; 1024 tokens take 64 canvases
+
+
+def test_model_ids_with_a_slash_are_found(model):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(model, ServeConfig(model_name="org/tiny"))) as http:
+        assert http.get("/v1/models/org/tiny").json()["id"] == "org/tiny"
+        assert http.get("/v1/models/other").status_code == 404
 
 
 def test_openai_client_sees_errors(client):

@@ -369,19 +369,22 @@ def create_app(model: Model, config: ServeConfig | None = None) -> FastAPI:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created, start = int(time.time()), time.perf_counter()
 
+        ended = [False] * len(choices)  # rows the engine has finished (their finish reason comes with End)
+
         def on_commit(event: Commit) -> list[tuple[int, str, str]]:
             out = []
             for i, (ids, steps) in enumerate(zip(event.tokens, event.steps)):
                 ch = choices[i]
-                if ch.finish_reason is not None:
+                if ch.finish_reason is not None or ended[i]:
                     continue
+                ended[i] = bool(event.finished and event.finished[i])
                 ch.steps.append(steps)
                 thought, answer = ch.feed(ids, False)
                 if ch.stopped:
                     ch.finish_reason = "stop"
                 out.append((i, thought, answer))
-            if all(ch.finish_reason for ch in choices):
-                job.cancel()
+            if not all(ended) and all(ch.finish_reason or done for ch, done in zip(choices, ended)):
+                job.cancel()  # every choice is through, some by a stop string: no row generates on for nothing
             return out
 
         def on_end(event: End) -> list[tuple[int, str, str]]:
@@ -480,7 +483,10 @@ def create_app(model: Model, config: ServeConfig | None = None) -> FastAPI:
             raise ApiError(400, "this model has no chat template; use /v1/completions", "messages")
         if req.thinking and not supports_thinking():
             raise ApiError(400, "this model's chat template has no thinking mode", "thinking")
-        messages = [m.model_dump() for m in req.messages]
+        # Text parts are joined into one string and "developer" (OpenAI's newer name) is "system", as templates know it.
+        messages = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+                    for m in req.messages]
         try:
             prompt = tok.encode_chat(messages, thinking=req.thinking)
         except Exception as err:  # noqa: BLE001 - template errors come in several types, all the caller's input
@@ -641,7 +647,7 @@ def create_app(model: Model, config: ServeConfig | None = None) -> FastAPI:
     async def models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id}", summary="One model")
+    @app.get("/v1/models/{model_id:path}", summary="One model")
     async def one_model(model_id: str):
         check_model(model_id)
         return model_card()

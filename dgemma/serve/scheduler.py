@@ -9,7 +9,7 @@ handing events to each job's asyncio loop.
 Batching rule (continuous, at canvas boundaries): waiting jobs join the running run before each canvas when their
 diffusion settings equal the run's, their rows fit `max_batch`, and each of their rows can have its own generator
 (`Job.joinable`); a job's rows leave once all of them finished, freeing their slots. A job that cannot join waits
-for the run to end. A seeded one-row job gets what it would get alone. A one-row admission whose prompt extends a
+for the run to end, and the jobs behind it wait with it (first come, first served). A seeded one-row job gets what it would get alone. A one-row admission whose prompt extends a
 recent one-row prompt (the next turn of a chat) encodes only the new tokens (`PrefixCache`).
 Must not: parse HTTP, tokenize text or format responses (app.py does), or change the engine's arithmetic."""
 
@@ -65,6 +65,7 @@ class Commit:
     tokens: list[list[int]]  # per row; empty for rows that ended before this canvas
     steps: list[int]  # per row: denoising steps this canvas took
     scores: list[float] | None = None  # per row: the raw job's `score` of its final draft
+    finished: list[bool] | None = None  # per row: whether the row has ended (EOS or max_new_tokens) by this canvas
 
 
 @dataclass
@@ -210,7 +211,8 @@ class _Run:
                 job.emit(Commit(0, drafts, steps, scores))
                 job.emit(End(["length"] * len(rows)))
                 continue
-            job.emit(Commit(self._canvas[id(job)], [c.token_ids if c else [] for c in got], steps))
+            job.emit(Commit(self._canvas[id(job)], [c.token_ids if c else [] for c in got], steps,
+                            finished=[r.finished for r in rows]))
             self._canvas[id(job)] += 1
             if all(r.finished for r in rows):
                 job.emit(End([r.finish_reason for r in rows]))
@@ -244,7 +246,8 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        return len(self._queue)
+        """Jobs waiting to run (cancelled ones, which leave at the next admission, not counted)."""
+        return sum(not j.cancelled for j in self._queue)
 
     @property
     def running_rows(self) -> int:
@@ -256,7 +259,7 @@ class Scheduler:
         with self._cond:
             if self._closing:
                 raise RuntimeError("the scheduler is shut down")
-            if len(self._queue) >= self.max_queue:
+            if self.waiting >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting requests)")
             self._queue.append(job)
             self.requests += 1
@@ -272,18 +275,18 @@ class Scheduler:
         self._thread.join(timeout)
 
     def _admit(self, run: _Run | None) -> _Run | None:
-        """Start a run with the oldest live job when there is none; then move waiting jobs the run accepts into it,
-        oldest first, while their rows fit (a job that does not fit waits, and so do the jobs behind it)."""
-        while self._queue and self._queue[0].cancelled:
-            self._queue.popleft().emit(End([]))
+        """Drop cancelled jobs; start a run with the oldest job when there is none; then move waiting jobs into it,
+        oldest first, while the run accepts them and their rows fit. The first that cannot join stops the admissions,
+        so the run drains and that job goes next: first come, first served, whatever keeps arriving."""
+        for job in [j for j in self._queue if j.cancelled]:
+            self._queue.remove(job)
+            job.emit(End([]))
         if run is None:
             if not self._queue:
                 return None
             run = _Run(self.model, self._queue.popleft(), self.prefix)
         for job in list(self._queue):
-            if job.cancelled or not run.accepts(job):
-                continue
-            if run.rows + len(job.prompts) > self.max_batch:
+            if not run.accepts(job) or run.rows + len(job.prompts) > self.max_batch:
                 break
             self._queue.remove(job)
             run.add(job)
