@@ -48,6 +48,7 @@ from typing import Callable
 import torch
 
 from .api import Model, _dtype, load, resolve_device
+from .checkpoint import write_atomic
 from .config import PRESET_NAMES, GenerationSettings, ModelConfig, preset
 from .engine.ar import ar_generate
 from .model.diffusion_gemma import DiffusionGemma
@@ -620,10 +621,9 @@ def write_png(result: dict, path: str | Path) -> Path:
     fig.suptitle(f"{result['model']} on {result['device']} ({result['dtype']}, {result['mode']} "
                  f"{result['max_denoising_steps']} steps)")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 def add_arguments(p) -> None:
@@ -672,7 +672,7 @@ def cmd_bench(args) -> int:
     result = run_bench(opts, log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     print(format_table(result))
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
+        write_atomic(args.json_out, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     if args.png:
         write_png(result, args.png)
     return 0

@@ -208,10 +208,38 @@ def check_new_directory(path: str | os.PathLike) -> None:
                               "(nothing is overwritten)")
 
 
+def fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to disk (directories: where the system allows it)."""
+    if path.is_dir() and os.name == "nt":
+        return  # directories cannot be opened for flushing there
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` a file beside `path`, flush it to disk, then rename it to `path`: readers see the old file or
+    the whole new one, never a part. The temporary file is removed if `write` fails."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        write(tmp)
+        fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync(path.parent)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, replace: bool = False):
-    """Yield a temporary directory beside `path`; when the block succeeds it takes the place of `path` (an older
-    directory there is moved aside first and removed last); when it fails it is removed and `path` is untouched.
+    """Yield a temporary directory beside `path`; when the block succeeds its files are flushed to disk and it takes
+    the place of `path` (an older directory there is moved aside first and removed last); when it fails it is removed
+    and `path` is untouched.
     Without `replace`, a file or non-empty directory at `path` is refused first (`check_new_directory`)."""
     path = Path(path)
     if not replace:
@@ -221,12 +249,15 @@ def atomic_directory(path: str | os.PathLike, replace: bool = False):
     tmp.mkdir()  # not mkdtemp, whose directory is private: this one gets the umask's permissions, as the result should
     try:
         yield tmp
+        for f in [*(f for f in tmp.rglob("*") if f.is_file()), tmp]:
+            fsync(f)  # the data is on disk before any name points at it
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)
+        fsync(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

@@ -181,3 +181,20 @@ def test_bf16_load_peak_memory(tmp_path):
     print(f"\nbf16 load: weights {weight_bytes / 1e6:.1f} MB, peak RSS growth {grown / 1e6:.1f} MB "
           f"({grown / weight_bytes:.2f}x)")
     assert grown < 1.5 * weight_bytes
+
+
+def test_write_atomic_replaces_a_file_whole_or_not_at_all(tmp_path):
+    from dgemma.checkpoint import write_atomic
+
+    target = tmp_path / "result.json"
+    target.write_text("old")
+
+    def fails(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomic(target, fails)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+    write_atomic(target, lambda tmp: tmp.write_text("new"))
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]

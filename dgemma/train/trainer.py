@@ -527,9 +527,8 @@ class Trainer:
         # A LoRA run saves a standard checkpoint with the adapters merged, plus the adapters on their own.
         checkpoint.save(self._plain_net(weights), GenerationSettings(), target, tokenizer=self.tokenizer,
                         extra=write_state, replace=True)  # a resumed run may save a step it saved before
-        pointer_tmp = self.out / ".latest.tmp"
-        pointer_tmp.write_text(name)
-        os.replace(pointer_tmp, self.out / "latest")
+        # On disk before older checkpoints are pruned: a power loss leaves `latest` naming a whole checkpoint.
+        checkpoint.write_atomic(self.out / "latest", lambda tmp: tmp.write_text(name))
         prune_checkpoints(self.out, self.cfg.train.keep)
         self._plot()
         if self.world > 1:
@@ -581,10 +580,8 @@ class Trainer:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        tmp = self.out / ".loss.png.tmp"
-        fig.savefig(tmp, format="png", dpi=100)
+        checkpoint.write_atomic(self.out / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         plt.close(fig)
-        os.replace(tmp, self.out / "loss.png")
 
 
 def main(argv: list[str] | None = None) -> int:
