@@ -25,7 +25,8 @@ What is measured, per implementation and batch size (the median over `repeat` ru
   of the process's resident set over the run (VmHWM after, reset through /proc/self/clear_refs, minus VmRSS before).
 - roofline (CUDA only): weight bytes one step reads / measured step time, as a fraction of the device-copy bandwidth
   measured in the same process (2 x bytes of a large tensor copy / its time). Experts count in proportion to the
-  share that uniform top-k routing of the step's tokens is expected to touch.
+  share that uniform top-k routing of the step's tokens is expected to touch; the tied embedding counts twice in
+  self-conditioned steps (head and soft embeddings).
 New tokens are `batch x new_tokens`: EOS is switched off for the benchmark so every row does the same work.
 Fixed-step mode sets stability_threshold above the step count, so adaptive stopping can never fire, and checks that
 every canvas ran exactly that many steps.
@@ -137,10 +138,12 @@ def quantized(net: DiffusionGemma, kind: str, group_size: int | None, in_place: 
     return quantize_model(net, kind, group_size)
 
 
-def weight_bytes(net: DiffusionGemma, tokens: int, decoder: bool = True) -> int:
+def weight_bytes(net: DiffusionGemma, tokens: int, decoder: bool = True, conditioned: float = 0.0) -> int:
     """Bytes of weights one forward over `tokens` tokens reads: every dense weight once, the experts in the share
-    that uniform top-k routing is expected to touch (1 - (1 - k/E)^tokens). The encoder skips self-conditioning.
-    Quantized weights count their codes, scales and offsets."""
+    that uniform top-k routing is expected to touch (1 - (1 - k/E)^tokens). The encoder skips self-conditioning;
+    a decoder pass that reads the previous step's logits (a share `conditioned` of the steps: all but each canvas's
+    first) reads the tied embedding a second time, for the soft embeddings. Quantized weights count their codes,
+    scales and offsets."""
     cfg = net.config
     hit = 1.0 - (1.0 - cfg.top_k_experts / cfg.num_experts) ** tokens
     total = 0.0
@@ -148,6 +151,8 @@ def weight_bytes(net: DiffusionGemma, tokens: int, decoder: bool = True) -> int:
         size = p.numel() * p.element_size()
         if name.startswith("self_conditioning.") and not decoder:
             continue
+        if name.startswith("embed_tokens.") and decoder:
+            size *= 1.0 + conditioned
         total += size * hit if ".experts." in name else size
     return int(total)
 
@@ -445,9 +450,12 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
     record = functools.partial(_record, result, new_tokens=new_tokens, settings=settings, opts=opts, log=log)
     entries = [(impl, model, ref, prompts[batch]) for batch in opts.batches
                for impl in ["ours"] + [name for name in ("reference", "ar") if name in opts.compare]]
-    if not opts.interleave:
-        for entry in entries:
+    def measure_all(these: list) -> None:  # a function, so no loop variable keeps a model alive after it
+        for entry in these:
             record(*entry, measure(*entry))
+
+    if not opts.interleave:
+        measure_all(entries)
         entries, ref = [], None  # frees the reference before the last format is quantized in place
     for i, kind in enumerate(opts.quant):
         log(f"quantizing the weights to {kind}")
@@ -458,15 +466,14 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
         if opts.interleave:
             entries += quant_entries
             continue
-        for entry in quant_entries:
-            record(*entry, measure(*entry))
+        measure_all(quant_entries)
         del qnet, qmodel, quant_entries
     if opts.interleave:  # warm every implementation, then one measured run of each in turn, `repeat` times
         runs = [measure(*entry, repeat=0) for entry in entries]
         for i in range(opts.repeat):
             log(f"interleaved round {i + 1}/{opts.repeat}")
-            for entry, done in zip(entries, runs):
-                done += measure(*entry, repeat=1, warmup=0)
+            for entry, done in zip(entries, runs):  # on a GPU a warm-up recaptures the graphs of the entry's shape
+                done += measure(*entry, repeat=1, warmup=int(device.type == "cuda"))
         for entry, done in zip(entries, runs):
             record(*entry, done)
     result["ratios"] = _ratios(result["runs"])
@@ -519,8 +526,11 @@ def _summary(impl: str, batch: int, new_tokens: int, runs: list[Run], net: Diffu
     decode = statistics.median(r.decode_seconds for r in runs)
     step = statistics.median(r.step_seconds for r in runs)
     seconds = statistics.median(r.seconds for r in runs)
-    per_step = weight_bytes(net, batch, decoder=False) if impl == "ar" \
-        else weight_bytes(net, batch * net.config.canvas_length)
+    if impl == "ar":
+        per_step = weight_bytes(net, batch, decoder=False)
+    else:
+        steps = [s for r in runs for s in r.steps_per_canvas]
+        per_step = weight_bytes(net, batch * net.config.canvas_length, conditioned=1 - len(steps) / sum(steps))
     roofline = per_step / step / bandwidth if bandwidth else None
     peaks = [r.peak_bytes for r in runs if r.peak_bytes is not None]
     return {
