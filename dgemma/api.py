@@ -8,6 +8,7 @@ Must not: hold network math (model/), the sampler (sampling.py) or the canvas lo
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +42,9 @@ def _dtype(value) -> torch.dtype | None:
 
 @dataclass
 class TextResult:
-    text: list[str]
+    text: list[str]  # per row: the answer
     result: GenerationResult
+    reasoning: list[str] | None = None  # per row: the thought channel's text (chat with a channel-marking vocabulary)
 
 
 class Model:
@@ -129,7 +131,11 @@ class Model:
 
     def generator(self, seed: int | None) -> torch.Generator | None:
         """A generator on the model's device seeded with `seed`; None (the global generator) without a seed."""
-        return None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
+        if seed is None:
+            return None
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2**63 <= seed < 2**64:
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+        return torch.Generator(device=self.device).manual_seed(int(seed))
 
     @torch.no_grad()
     def canvas_logits(self, prompt_ids, canvas_ids, self_conditioning_logits=None) -> torch.Tensor:
@@ -194,15 +200,23 @@ class Model:
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or any(not isinstance(t, str) or not t for t in texts):
             raise ValueError("empty prompt: complete() needs non-empty text")
-        prompts = [tok.encode(t, add_bos=self.config.bos_token_id is not None) for t in texts]
+        bos = [] if self.config.bos_token_id is None else [self.config.bos_token_id]  # the model's, whatever the tokenizer
+        prompts = [bos + tok.encode(t) for t in texts]
         result = self.generate(prompts, **kw)
         return TextResult([tok.decode(ids) for ids in result.token_ids], result)
 
     def chat(self, messages: list[dict], *, thinking: bool = False, **kw) -> TextResult:
-        """Answer one conversation rendered with the checkpoint's chat template."""
+        """Answer one conversation rendered with the checkpoint's chat template. Where the vocabulary has the
+        reasoning channel's markers, what the model writes in that channel comes apart as `reasoning`."""
+        from .serve.text import Choice, channel_ids
+
         tok = self._need_tokenizer()
         result = self.generate([tok.encode_chat(messages, thinking=thinking)], **kw)
-        return TextResult([tok.decode(ids) for ids in result.token_ids], result)
+        channel = channel_ids(tok)
+        if channel is None:
+            return TextResult([tok.decode(ids) for ids in result.token_ids], result)
+        reasoning, text = zip(*(Choice(tok, channel=channel).feed(ids, True) for ids in result.token_ids))
+        return TextResult(list(text), result, list(reasoning))
 
     def parameter_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.net.state_dict().values())
@@ -255,7 +269,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def load(path_or_repo_id: str | os.PathLike | None = None, device=None, dtype=None,
          tokenizer: str | os.PathLike | None = None) -> Model:
     """Load a checkpoint directory (or a Hub repo id, downloaded on first use; or a .gguf file; default: the bundled
-    model) onto `device` in `dtype` (default: the checkpoint's stored dtype; float32 for a .gguf file). Quantized and
+    model) onto `device` in `dtype` (default: the checkpoint's stored dtype; a .gguf file's float tensors: `quant.gguf_dtype`). Quantized and
     FP8 directories keep their weight format. `tokenizer` (a directory or Hub repo id, `load_tokenizer`) replaces the
     checkpoint's own; this is how a .gguf file whose vocabulary is not read (`GGUFFile.tokenizer`) takes text."""
     path_or_repo_id = model_path(path_or_repo_id)

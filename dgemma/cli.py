@@ -27,7 +27,8 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="checkpoint directory, Hub repo id or .gguf file" + ("" if required else " (default: the bundled model)"))
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weight dtype (default: as stored)")
+                   help="weight dtype (default: as stored; a .gguf file's float tensors: float32 on a CPU, bfloat16 "
+                        "on a GPU)")
     p.add_argument("--tokenizer", default=None, metavar="DIR_OR_ID",
                    help="use this directory's or Hub repo's tokenizer instead of the checkpoint's own (e.g. for a "
                         ".gguf file whose vocabulary is not read)")
@@ -137,10 +138,15 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_run(args) -> int:
+    if args.thinking and not args.chat:
+        raise ValueError("--thinking applies to --chat")
+    if args.chat and args.ids:
+        raise ValueError("--chat takes a text prompt, not --ids")
     model: Model = load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
     kw = dict(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps, entropy_bound=args.entropy_bound,
               seed=args.seed)
     start = time.perf_counter()
+    reasoning = None
     if args.ids:
         result = model.generate([_parse_ids(args.prompt)], **kw)
         tok = model.tokenizer
@@ -154,14 +160,18 @@ def cmd_run(args) -> int:
         else:
             out = model.complete(args.prompt, **kw)
         result, text = out.result, out.text[0]
+        reasoning = out.reasoning[0] if out.reasoning else None
     seconds = time.perf_counter() - start
     n = len(result.token_ids[0])
     stats = {"tokens": n, "seconds": round(seconds, 3), "tokens_per_second": round(n / seconds, 2),
              "tokens_per_forward": round(result.tokens_per_forward[0], 3), "steps_per_canvas": result.steps[0],
              "finish_reason": result.finish_reasons[0]}
     if args.json:
-        print(json.dumps({"text": text, "token_ids": result.token_ids[0], **stats}))
+        print(json.dumps({"text": text, **({"reasoning": reasoning} if reasoning else {}),
+                          "token_ids": result.token_ids[0], **stats}))
     else:
+        if reasoning:
+            print(f"(thinking) {reasoning}", file=sys.stderr)
         print(text if text is not None else " ".join(map(str, result.token_ids[0])))
         print(f"[{n} tokens in {seconds:.2f} s, {stats['tokens_per_second']} tok/s, "
               f"{stats['tokens_per_forward']} tokens/forward, steps per canvas {result.steps[0]}, "
@@ -176,12 +186,20 @@ def _count(n: float) -> str:
     return str(int(n))
 
 
+def _planned_device(name: str | None) -> torch.device:
+    """The device `--device` names (default: the CPU), which `info` plans for without needing it here."""
+    try:
+        return torch.device(name or "cpu")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}; expected e.g. cpu, cuda or mps") from None
+
+
 def cmd_info(args) -> int:
     gguf = quant.GGUFFile(args.model) if quant.is_gguf(args.model) else None
     path = gguf.path if gguf else checkpoint.resolve(args.model)
     cfg, settings = (gguf.config, gguf.settings) if gguf else checkpoint.read_config(path)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype) \
-        or (torch.float32 if gguf else checkpoint.stored_dtype(path))
+        or (quant.gguf_dtype(_planned_device(args.device)) if gguf else checkpoint.stored_dtype(path))
     with torch.device("meta"):
         net = DiffusionGemma(cfg)
     weight_bytes = sum(t.numel() for t in net.state_dict().values()) * dtype.itemsize

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
+from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -224,7 +225,15 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """``text`` -> ids; special tokens are never added except a leading bos when ``add_bos``."""
+        """``text`` -> ids; special tokens are never added except a leading bos when ``add_bos``. ValueError for text
+        that is not a string of Unicode characters (lone surrogates: bytes that were not UTF-8)."""
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"the text is not valid Unicode at character {err.start} (input that was not UTF-8?)") \
+                from None
         ids = self.backend.encode(text, add_special_tokens=False).ids
         if add_bos:
             if self.bos_token_id is None:
@@ -253,17 +262,27 @@ class Tokenizer:
         if self.chat_template is None:
             raise ValueError("this checkpoint has no chat template; use complete() or pass token ids")
         _validate_messages(messages)
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        # Text parts are joined into one string, and "developer" (OpenAI's newer name for it) is "system" for a
+        # template that does not know it.
+        developer = "developer" if "developer" in self.chat_template else "system"
+        messages = [{**m, "role": developer if m["role"] == "developer" else m["role"],
+                     "content": m["content"] if isinstance(m["content"], str)
+                     else "".join(part["text"] for part in m["content"])} for m in messages]
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])  # {% break %}, as transformers
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
-        return env.from_string(self.chat_template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            enable_thinking=thinking,
-            bos_token=self._token_str(self.bos_token_id),
-            eos_token=self._token_str(self.eos_token_ids[0] if self.eos_token_ids else None),
-            **extra,
-        )
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                enable_thinking=thinking,
+                bos_token=self._token_str(self.bos_token_id),
+                eos_token=self._token_str(self.eos_token_ids[0] if self.eos_token_ids else None),
+                **extra,
+            )
+        except TemplateError as err:
+            raise ValueError(f"the chat template failed: {type(err).__name__}: {err}") from None
 
     def encode_chat(self, messages: list[dict], *, thinking: bool = False, **extra: Any) -> list[int]:
         """Render with a generation prompt, then encode; the template emits bos itself, so none is added."""

@@ -136,3 +136,68 @@ def test_terminal_chat_second_turn_reuses_the_first(tmp_path, monkeypatch):
     second = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "again"}]
     assert out.getvalue().endswith(f"model> {model.chat(second, **kw).text[0]}\nyou> \n")
     assert caches[0].hits == 1 and caches[0].reused_tokens == len(model.tokenizer.encode_chat(first))
+
+
+def test_model_chat_separates_the_reasoning_channel(tmp_path):
+    from test_serve import tiny_checkpoint
+
+    from dgemma.engine.generate import GenerationResult
+
+    base = tiny_checkpoint(tmp_path / "tiny")
+    tok = thinking_tokenizer()
+    model = Model(base.net, base.settings, tok, base.path)
+    open_id, close_id = channel_ids(tok)
+    ids = [open_id, *tok.encode("thought\nadd them"), close_id, *tok.encode("It is 3.")]
+    model.generate = lambda *a, **kw: GenerationResult([ids], [1.0], [[1]], ["stop"])
+    out = model.chat([{"role": "user", "content": "1+2?"}], thinking=True)
+    assert out.text == ["It is 3."] and out.reasoning == ["add them"]
+
+
+def test_a_failed_or_interrupted_turn_is_dropped_and_the_chat_goes_on(tmp_path, monkeypatch):
+    from test_serve import tiny_checkpoint
+
+    model = tiny_checkpoint(tmp_path / "tiny")
+    out = io.StringIO()
+    long = "word " * 2000  # past the model's 4096 positions
+    assert chat(model, io.StringIO(f"{long}\nhello\n/quit\nnever read\n"), out, max_new_tokens=16,
+                max_denoising_steps=2, seed=1) == 0
+    text = out.getvalue()
+    answer = model.chat([{"role": "user", "content": "hello"}], max_new_tokens=16, max_denoising_steps=2, seed=1)
+    assert "exceeds the context of 4096 positions; this turn is dropped" in text
+    assert text.endswith(f"model> {answer.text[0]}\nyou> ")  # the second turn did not see the first
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    real = model.chat
+    monkeypatch.setattr(model, "chat", interrupted)
+    out = io.StringIO()
+    assert chat(model, io.StringIO("hello\nhello\n"), out, max_new_tokens=16, max_denoising_steps=2, seed=1) == 0
+    assert "(interrupted; this turn is dropped" in out.getvalue() and out.getvalue().count(answer.text[0]) == 1
+
+
+def test_the_draft_redraw_returns_to_where_it_began_on_a_small_terminal(tmp_path, monkeypatch):
+    """Each redraw moves up exactly the rows the previous one took, and never more than the terminal holds."""
+    import os
+    import re
+
+    from test_serve import tiny_checkpoint
+
+    from dgemma.serve import chat as chat_module
+
+    assert chat_module.layout_rows("abcdef", 4, 2) == 1 and chat_module.layout_rows("ab\ncd", 10, 0) == 1
+    assert chat_module.layout_rows("abcd", 4, 0) == 0  # the cursor waits at the last column
+    monkeypatch.setattr(chat_module.shutil, "get_terminal_size", lambda: os.terminal_size((20, 6)))
+    model = tiny_checkpoint(tmp_path / "tiny")
+    out = _Terminal()
+    assert chat(model, io.StringIO("hello\n"), out, max_new_tokens=96, max_denoising_steps=2, seed=1) == 0
+    frames = out.getvalue().split("\r")[1:]  # each redraw starts with a carriage return
+    ups = [int(m.group(1)) if (m := re.match(r"\x1b\[(\d+)A", f)) else 0 for f in frames]
+    assert len(frames) > 3 and max(ups) <= 6 - 2
+    for frame, up in zip(frames[:-1], ups[1:]):  # the next redraw climbs what this one drew
+        body = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", frame)
+        assert chat_module.layout_rows(body, 20, len(chat_module.PROMPT)) == up
+

@@ -129,3 +129,25 @@ def test_no_template(tmp_path):
     assert t.chat_template is None
     with pytest.raises(ValueError, match="no chat template"):
         t.encode_chat([{"role": "user", "content": "x"}])
+
+
+def test_text_parts_developer_role_loop_controls_and_template_errors(tok, tmp_path):
+    plain = tok.apply_chat_template([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi you"}])
+    parts = tok.apply_chat_template([{"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
+                                     {"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                                  {"type": "text", "text": " you"}]}])
+    assert parts == plain  # parts joined; "developer" is "system" for a template that does not name it
+    _write_ckpt(tmp_path, template_file=False)
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% break %}{% endfor %}")
+    looping = Tokenizer.from_dir(tmp_path)
+    assert looping.apply_chat_template([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]) == "a"
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[5]['content'] }}")
+    with pytest.raises(ValueError, match="the chat template failed: UndefinedError"):
+        Tokenizer.from_dir(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_text_that_is_not_unicode_is_a_value_error(tok):
+    with pytest.raises(ValueError, match="not valid Unicode at character 3"):
+        tok.encode("caf\udce9")  # how Python passes the byte 0xe9 of a Latin-1 terminal through
+    with pytest.raises(ValueError, match="text must be a string"):
+        tok.encode(b"bytes")

@@ -483,10 +483,7 @@ def create_app(model: Model, config: ServeConfig | None = None) -> FastAPI:
             raise ApiError(400, "this model has no chat template; use /v1/completions", "messages")
         if req.thinking and not supports_thinking():
             raise ApiError(400, "this model's chat template has no thinking mode", "thinking")
-        # Text parts are joined into one string and "developer" (OpenAI's newer name) is "system", as templates know it.
-        messages = [{"role": "system" if m.role == "developer" else m.role,
-                     "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
-                    for m in req.messages]
+        messages = [m.model_dump() for m in req.messages]  # text parts and roles: see Tokenizer.apply_chat_template
         try:
             prompt = tok.encode_chat(messages, thinking=req.thinking)
         except Exception as err:  # noqa: BLE001 - template errors come in several types, all the caller's input
