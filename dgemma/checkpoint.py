@@ -113,7 +113,7 @@ def stored_dtype(path: Path) -> torch.dtype:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in f.keys():
                     kind = f.get_slice(name).get_dtype()
-                    if kind in _SAFETENSORS_DTYPES and not name.endswith(("_scale", "_offset")):
+                    if kind in _SAFETENSORS_DTYPES and not name.endswith(("_scale", "_scale_inv", "_offset")):
                         return _SAFETENSORS_DTYPES[kind]
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{file}: unreadable safetensors file ({err})") from None
@@ -203,6 +203,8 @@ def load_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype | None, device
 def check_new_directory(path: str | os.PathLike) -> None:
     """CheckpointError unless `path` is free for a new directory: absent, or an empty directory."""
     path = Path(path)
+    if path.is_symlink():
+        raise CheckpointError(f"{path} is a symbolic link; give the directory it points to")
     if path.is_dir() and any(path.iterdir()) or path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} already exists and is not an empty directory; choose a new output path "
                               "(nothing is overwritten)")

@@ -9,7 +9,6 @@ Must not: touch tensors, files other than the JSON dicts handed in, or the netwo
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -289,6 +288,7 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 
 _FLOAT32_MAX = 3.4028234663852886e38  # the sampler computes in float32: anything larger would be infinite there
+_MIN_T_MAX = 1e-6  # below it the temperatures of a long schedule are not normal float32 numbers: logits / t overflow
 
 
 @dataclass(frozen=True)
@@ -314,9 +314,12 @@ class GenerationSettings:
         for name in ("entropy_bound", "confidence_threshold", "t_min", "t_max"):
             value = getattr(self, name)
             zero_ok = name == "t_min"  # t_max > 0 keeps every step's temperature t_min + (t_max - t_min) n / N > 0
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-                    or value > _FLOAT32_MAX or value < 0 or (value == 0 and not zero_ok):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= _FLOAT32_MAX \
+                    or (value == 0 and not zero_ok):  # `not 0 <= value`: NaN too
                 raise ValueError(f"{name} must be a finite number {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+        if self.t_max < _MIN_T_MAX:
+            raise ValueError(f"t_max must be at least {_MIN_T_MAX} (a small one samples almost greedily), "
+                             f"got {self.t_max!r}")
         if self.t_max < self.t_min:
             raise ValueError(f"t_max ({self.t_max}) must be >= t_min ({self.t_min})")
 

@@ -164,6 +164,8 @@ def test_infill_best_of_before_an_empty_suffix_never_prefers_an_empty_fill(tiny,
     (dict(prompt_ids=[[1, 2]], t_min=0.9, t_max=0.5), "t_max"),
     (dict(prompt_ids=[[1, 2]], t_min=0, t_max=0), "t_max must be a finite number > 0"),  # no temperature of 0
     (dict(prompt_ids=[[1, 2]], t_max=float("nan")), "t_max must be a finite number"),
+    (dict(prompt_ids=[[1, 2]], t_min=0, t_max=1e-40), "t_max must be at least"),  # 0 in a float32 schedule
+    (dict(prompt_ids=[[1, 2]], t_max=10**400), "t_max must be a finite number"),
     (dict(prompt_ids=[[1, 2]], entropy_bound=float("inf")), "entropy_bound must be a finite number"),
     (dict(prompt_ids=[[1, 2]], max_new_tokens=2047), "need 2050 positions; the model.s context is 2048"),
 ])

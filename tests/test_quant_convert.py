@@ -125,6 +125,10 @@ def test_quantize_never_writes_over_an_existing_path(float_ckpt, tmp_path, capsy
         assert "already exists and is not an empty directory" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
     assert (tmp_path / "notes" / "thesis.txt").read_text() == "important" and (tmp_path / "file").read_text() == "x"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    assert main(["quantize", "--model", str(src), "--to", "int8", "--out", str(tmp_path / "link"), "--no-progress"]) == 2
+    assert "is a symbolic link" in capsys.readouterr().err and (tmp_path / "link").is_symlink()
     (tmp_path / "empty").mkdir()
     assert main(["quantize", "--model", str(src), "--to", "int8", "--out", str(tmp_path / "empty"),
                  "--no-progress"]) == 0

@@ -512,6 +512,8 @@ def test_an_f16_gguf_loads_in_float32_as_dgemma_info_counts_it(tiny_net, tmp_pat
     info = json.loads(capsys.readouterr().out)
     assert info["dtype"] == "float32" and info["resident_bytes"] == model.parameter_bytes()
     assert dgemma.load(tmp_path / "m.gguf", dtype="float16").dtype == torch.float16  # when asked
+    assert main(["info", "--model", str(tmp_path / "m.gguf"), "--device", "cuda", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dtype"] == "bfloat16"  # what a GPU load takes
 
 
 def test_gguf_conversion_progress_totals_what_loading_yields(wide_net, tmp_path):

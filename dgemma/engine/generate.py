@@ -62,6 +62,8 @@ def plain_ids(ids):
     if hasattr(ids, "tolist") and not isinstance(ids, (list, tuple)):
         ids = ids.tolist()  # a 0-d array gives its scalar
     if isinstance(ids, (list, tuple)):
+        if all(type(x) is int for x in ids):  # the usual case, without a call per id
+            return list(ids)
         return [plain_ids(x) for x in ids]
     return operator.index(ids) if isinstance(ids, numbers.Integral) and not isinstance(ids, bool) else ids
 

@@ -76,14 +76,19 @@ def weight_loader(path: Path) -> Callable[..., DiffusionGemma] | None:
     return None
 
 
+def gguf_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a .gguf file's float tensors load in by default: float32 on a CPU (a file's F16 norms and embedding
+    would otherwise make a float16 model, slow there and narrow for Gemma's activations), bfloat16 on an accelerator
+    (half the memory; the model's own dtype)."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
 def load_gguf(path: str | os.PathLike, device: torch.device, dtype: torch.dtype | None, tokenizer: bool = True):
     """(network, generation settings, the file's own tokenizer or None, path) from a .gguf file; without
     `tokenizer`, the file's tokenizer metadata is not read (another tokenizer takes its place)."""
     g = GGUFFile(path)
     tok = g.tokenizer() if tokenizer else None  # before the weights: malformed metadata fails fast
-    # Float tensors in float32 unless asked otherwise (as `dgemma info` counts them): a file's F16 norms and
-    # embedding would otherwise make a float16 model, slow on CPUs and narrow for Gemma's activations.
-    return build(g.config, g.entries(), dtype or torch.float32, device, str(g.path)), g.settings, tok, g.path
+    return build(g.config, g.entries(), dtype or gguf_dtype(device), device, str(g.path)), g.settings, tok, g.path
 
 
 def describe(path: Path, dtype: torch.dtype) -> dict | None:

@@ -247,7 +247,8 @@ class Scheduler:
     @property
     def waiting(self) -> int:
         """Jobs waiting to run (cancelled ones, which leave at the next admission, not counted)."""
-        return sum(not j.cancelled for j in self._queue)
+        with self._cond:  # the worker changes the queue meanwhile
+            return sum(not j.cancelled for j in self._queue)
 
     @property
     def running_rows(self) -> int:
