@@ -399,6 +399,11 @@ def evaluate(model: Model, *, limit: int = 50, seed: int = 0, steps: int | None 
                         ("max_new_tokens", max_new_tokens), ("best_of", best_of)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    model.settings.replace(max_denoising_steps=steps)  # checks `steps` now, not after the samples are built
+    c, context = model.config.canvas_length, model.config.max_position_embeddings
+    if max_prefix_tokens + -(-max_new_tokens // c) * c > context:
+        raise ValueError(f"max_prefix_tokens {max_prefix_tokens} and max_new_tokens {max_new_tokens} (canvases of "
+                         f"{c}) exceed the model's context of {context} positions")
     start = time.perf_counter()
     files = stdlib_files("heldout") if files is None else list(files)
     table = train_baseline() if baseline is None else baseline
