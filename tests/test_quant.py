@@ -304,3 +304,23 @@ def test_bundled_model_logits_cosine_similarity(kind, group, floor):
     cos = F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
     print(f"bundled model, {kind} group {group}: logits cosine similarity {cos:.5f}")
     assert cos >= floor
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_per_channel_float16_products_do_not_overflow(kind):
+    """float16 sums of raw codes (up to 127 or 448 times each activation) would pass float16's 65504: per-channel
+    weights are dequantized before a float16 product, which then matches the float32 one to float16's rounding."""
+    w = _weight(3, 32, 256, seed=5)  # [E, N, K]
+    q = _quantized(w, kind, None)
+    x = torch.randn(6, 256, generator=torch.Generator().manual_seed(6)) * 60  # [M, K]
+    want = kernels.linear_reference(x, q.map(lambda t: t[0]))
+    got = kernels.linear(x.half(), q.map(lambda t: t[0]))
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+    counts = torch.tensor([2, 0, 4])
+    assert kernels.grouped_ok(x.half(), q)
+    grouped = kernels.grouped_linear(x.half(), counts, q)
+    rows = torch.repeat_interleave(torch.arange(3), counts)
+    want = torch.stack([kernels.linear_reference(r, q.map(lambda t, e=e: t[e])) for r, e in zip(x, rows.tolist())])
+    assert torch.isfinite(grouped).all()
+    torch.testing.assert_close(grouped.float(), want, rtol=1e-2, atol=1e-2)

@@ -6,7 +6,8 @@ after tile; weights with one scale per output channel skip the weight-side multi
 instead. Stacked expert weights [E, N, K] (`grouped_linear`) are dequantized a few experts at a time and multiplied with
 torch._grouped_mm, one call per tile of experts. The reference path dequantizes the whole weight, then calls the plain
 PyTorch op; tests check that both agree on CPU. `FUSED` switches between them. Weights are decoded into the activations'
-dtype (float32 or bfloat16) and outputs come in that dtype, with one exception: on a CPU that multiplies bfloat16 in
+dtype (float32, bfloat16 or float16; in float16 per-channel weights are dequantized too, as sums of their raw codes
+could overflow) and outputs come in that dtype, with one exception: on a CPU that multiplies bfloat16 in
 hardware (AMX matrix units or AVX-512 BF16 dot products, `CPU_BF16`), the fused path multiplies float32 activations as
 bfloat16 (float32 accumulation, bfloat16 result), two to several times faster than float32 there, at bfloat16's
 rounding (about 2e-3 relative), the precision quantized weights are judged against. Only products of at least
@@ -65,10 +66,11 @@ def _compute_dtype(x: torch.Tensor, work: int) -> torch.dtype:
     return torch.bfloat16 if CPU_BF16 and cpu_float32 and work >= BF16_MIN_WORK else x.dtype
 
 
-def _per_channel(q: QTensor) -> bool:
-    """One scale per output channel and no offset (int8 per channel, fp8): products may use the codes as they are and
-    scale the output."""
-    return q.scale.shape[-1] == 1 and q.offset is None
+def _per_channel(q: QTensor, dtype: torch.dtype) -> bool:
+    """Whether products in `dtype` may use q's codes as they are and scale the output: one scale per output channel, no
+    offset (int8 per channel, fp8), and a dtype with float32's range (float16 sums of raw codes, up to 448 times the
+    activations, would overflow)."""
+    return q.scale.shape[-1] == 1 and q.offset is None and dtype != torch.float16
 
 
 def _autograd(x: torch.Tensor) -> bool:
@@ -133,14 +135,14 @@ def _tile_linear(x: torch.Tensor, q: QTensor, out: torch.Tensor) -> None:
     written in place: a fresh [M, N] result per tile would cost page faults and a copy. With one scale per row and no
     offset (per-channel int8, fp8) the codes are multiplied as they are and the scales applied to the much smaller
     output."""
-    per_channel = _per_channel(q)
+    per_channel = _per_channel(q, x.dtype)
     w = _decoded(q, x.dtype, x, codes_only=per_channel)  # [N, K]
     if out.dtype == x.dtype and not _autograd(x):
         torch.mm(x, w.t(), out=out)
     else:
         out.copy_(torch.mm(x, w.t()))
     if per_channel:
-        out.mul_(q.scale.view(1, -1).to(out.dtype))
+        out.mul_(q.scale.view(1, -1))  # the float32 scale, rounded once with the product
 
 
 def linear(x: torch.Tensor, q: QTensor) -> torch.Tensor:
@@ -175,7 +177,7 @@ def grouped_linear(xs: torch.Tensor, counts: torch.Tensor, q: QTensor) -> torch.
     `linear`, per-channel weights scale the output rather than the weight. Needs `grouped_ok(xs, q)`."""
     e, n, k = q.shape
     x = xs.to(_compute_dtype(xs, xs.shape[0] * n * k))  # [P, K]
-    per_channel = _per_channel(q)
+    per_channel = _per_channel(q, x.dtype)
     ends = counts.cumsum(0)  # [E]
     bounds = [0] + ends.tolist()
     step = max(1, EXPERT_TILE_ELEMENTS // (n * k))
@@ -193,7 +195,7 @@ def grouped_linear(xs: torch.Tensor, counts: torch.Tensor, q: QTensor) -> torch.
         else:
             out[lo:hi] = y  # [rows, N]
         if per_channel:
-            out[lo:hi].mul_(tile.scale.view(last - first, n).to(xs.dtype).repeat_interleave(counts[first:last], 0))
+            out[lo:hi].mul_(tile.scale.view(last - first, n).repeat_interleave(counts[first:last], 0))
     return out
 
 
