@@ -51,3 +51,18 @@ def test_left_padded_batch_matches_reference(ckpt_dir):
     # The short prompt alone gives the same logits as inside the padded batch.
     alone = model.canvas_logits([short], canvas[1:])
     assert torch.allclose(alone[0], ours[1], rtol=1e-4, atol=1e-4 * ours.abs().max().item())
+
+
+def test_rope_factors_match_reference(ckpt_dir):
+    """A rope `factor` divides the proportional (full-attention) frequencies; the default (sliding) rope ignores it, as
+    the reference does."""
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 100.0, "factor": 4.0},
+            "full_attention": {"rope_type": "proportional", "rope_theta": 1000.0, "factor": 2.0,
+                               "partial_rotary_factor": 0.5}}
+    path, ref = reference_checkpoint(ckpt_dir, "ssf", seed=3, rope_parameters=rope)
+    model = dgemma.load(path)
+    gen = torch.Generator().manual_seed(3)
+    prompt, canvas = torch.randint(3, 128, (1, 12), generator=gen), torch.randint(0, 128, (1, 16), generator=gen)
+    with torch.no_grad():
+        want = ref(input_ids=prompt, decoder_input_ids=canvas).logits
+    assert_close(model.canvas_logits(prompt, canvas), want)

@@ -56,18 +56,18 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    """Inverse frequencies [head_dim // 2] (float32). "proportional" rotates only the first
-    partial_factor share of the angles (exponents over the whole head_dim) and leaves the rest unrotated."""
+    """Inverse frequencies [head_dim // 2] (float32), as the reference computes them. "proportional" rotates only the
+    first partial_factor share of the angles (exponents over the whole head_dim), leaves the rest unrotated and divides
+    by `factor`; "default" rotates every angle and, like the reference, ignores `factor` (partial_factor must be 1: the
+    reference fails on anything else)."""
     if rope.kind == "proportional":
         angles = int(rope.partial_factor * head_dim // 2)
         exps = torch.arange(0, 2 * angles, 2, dtype=torch.int64, device="cpu").float() / head_dim
         inv = torch.cat([1.0 / rope.theta**exps, torch.zeros(head_dim // 2 - angles, device="cpu")])
-    else:
-        dim = int(head_dim * rope.partial_factor)
-        if dim != head_dim:
-            raise ValueError("default rope with partial_rotary_factor != 1 is not supported")
-        inv = 1.0 / rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
-    return inv / rope.factor
+        return inv / rope.factor
+    if rope.partial_factor != 1.0:
+        raise ValueError("default rope with partial_rotary_factor != 1 is not supported")
+    return 1.0 / rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim)
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
