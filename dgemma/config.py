@@ -67,6 +67,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"config: {name} must be a positive integer, got {value!r}")
+        if self.sliding_window < 2:  # sliding caches keep sliding_window - 1 slots; the reference mis-trims at 1
+            raise ValueError(f"config: sliding_window must be at least 2, got {self.sliding_window}")
         n = len(self.layer_types)
         if n == 0:
             raise ValueError("config: the model needs at least one layer")

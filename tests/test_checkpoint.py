@@ -104,6 +104,7 @@ def test_bf16_dtype_and_default_dtype(tiny):
     ("bad_json", "config.json: not valid JSON"),
     ("shape", "has shape"),
     ("no_weights", "no .safetensors weights"),
+    ("window", "sliding_window must be at least 2, got 1"),
 ])
 def test_broken_checkpoints_name_the_problem(tiny, tmp_path, breakage, match):
     path = _copy(tiny[0], tmp_path / breakage)
@@ -129,6 +130,10 @@ def test_broken_checkpoints_name_the_problem(tiny, tmp_path, breakage, match):
         (path / "config.json").write_text(json.dumps(cfg))
     elif breakage == "no_weights":
         weights.unlink()
+    elif breakage == "window":
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["text_config"]["sliding_window"] = 1
+        (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(checkpoint.CheckpointError, match=match):
         dgemma.load(path)
 

@@ -66,3 +66,4 @@ def test_rope_factors_match_reference(ckpt_dir):
     with torch.no_grad():
         want = ref(input_ids=prompt, decoder_input_ids=canvas).logits
     assert_close(model.canvas_logits(prompt, canvas), want)
+
